@@ -1,0 +1,123 @@
+"""Command line: `slimrecipe [hydra overrides]` runs a recipe; `validate`, `recipes`, `resume`, `schema`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import RecipeError, StageError
+
+USAGE = """\
+usage: slimrecipe +recipe=NAME [key=value ...]       run a recipe (Hydra overrides; -m for a sweep)
+       slimrecipe validate +recipe=NAME [key=value ...]  check a recipe only (schema, files, plugin names)
+       slimrecipe recipes                            list the recipes and where each comes from
+       slimrecipe resume RUN_DIR                     finish an interrupted run with its own recipe
+       slimrecipe schema                             print the assembled JSON Schema of a recipe
+
+Team recipe directories: SLIMRECIPE_RECIPE_PATH=dir1:dir2 (each holds recipe/, model/, ... groups).
+Exit codes: 0 done, 1 a stage failed, 2 a recipe mistake, 130 interrupted (resume it).
+Hydra's own help: slimrecipe --hydra-help
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE, end="")
+            return 0
+        command = argv[0]
+        if command == "validate":
+            return _validate(argv[1:])
+        if command == "recipes":
+            return _recipes()
+        if command == "schema":
+            import json
+
+            from .config import assembled_schema
+
+            print(json.dumps(assembled_schema(), indent=2))
+            return 0
+        if command == "resume":
+            return _resume(argv[1:])
+        return _run_hydra(argv)
+    except RecipeError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    except StageError as e:
+        print(f"stage failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: run `slimrecipe resume <run dir>` to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+def _validate(overrides: list[str]) -> int:
+    from .config import load_and_validate
+
+    recipe = load_and_validate(overrides)
+    print(f"recipe {recipe['name']!r} is valid: stages {' -> '.join(recipe['stages'])}")
+    return 0
+
+
+def _recipes() -> int:
+    from .config import list_recipes
+
+    rows = list_recipes()
+    if not rows:
+        print("no recipes found")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        note = f"  (shadowed by {r['shadowed_by']})" if r["shadowed_by"] else ""
+        print(f"{r['name']:<{width}}  {r['description'][:70]:<70}  {r['source']}{note}")
+    return 0
+
+
+def _resume(args: list[str]) -> int:
+    if len(args) != 1:
+        raise RecipeError("usage: slimrecipe resume RUN_DIR")
+    from .config import validate
+    from .run import execute, load_run_recipe
+
+    run_dir = Path(args[0])
+    recipe = validate(load_run_recipe(run_dir))
+    state = execute(recipe, run_dir)
+    _print_outcome(state)
+    return 0
+
+
+def _run_hydra(argv: list[str]) -> int:
+    """Hand over to Hydra (run dirs, sweeps, `.hydra/`); a single run is validated before Hydra starts."""
+    from .config import load_and_validate, searchpath_override
+
+    if argv and argv[0] == "--hydra-help":
+        argv = ["--help"]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    hydra_flags = any(a.startswith("-") for a in argv)
+    if not multirun and not hydra_flags:
+        load_and_validate(argv)  # exit 2 with every problem listed, before any directory is made
+    sys.argv = [sys.argv[0] or "slimrecipe", *argv, *searchpath_override()]
+    from .hydra_app import hydra_entry
+
+    status = {"code": 0}
+    hydra_entry(status)
+    return status["code"]
+
+
+def _print_outcome(state) -> None:
+    report = state.run_dir / "report.md"
+    print(f"\nrun directory: {state.run_dir}")
+    if report.exists():
+        summary = state.results.get("report", {}).get("summary_table")
+        if summary:
+            print(summary)
+        print(f"report: {report}")
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

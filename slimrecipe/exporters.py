@@ -1,0 +1,426 @@
+"""Export targets that prove themselves: save, reload with the deployment runtime, check parity; plus latency.
+
+Each exporter (`paddle_inference`, `onnx`) writes the model, loads it back with the runtime that will serve
+it (Paddle Inference predictor, onnxruntime session), runs it on the context's sample batch and refuses
+(``StageError``) an export whose outputs differ from the in-memory model's by more than its tolerance. The
+reloaded predictor/session comes back as ``ExportResult.runner`` so that :func:`interleaved_latency` can time
+the very artefacts that were written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import StageError
+from .fileio import sha256_file, sha256_tree, write_bytes
+from .paddle_env import ensure_dynamic_mode, paddle
+from .registry import register
+
+INPUT_NAME = "x"
+MODEL_PREFIX = "model"
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass
+class ExportContext:
+    model: Any  # paddle.nn.Layer, already pruned/quantized
+    input_shape: list[int]  # [C, H, W]
+    sample: np.ndarray  # float32 [N, C, H, W], the parity batch
+    out_dir: Path
+    dynamic_hw: bool = False  # export H and W as unknown dims (text detection takes any size)
+    quanter: Any = None  # the paddleslim QAT object the model was quantized with, else None
+
+    def input_spec(self):
+        p = paddle()
+        c, h, w = self.input_shape
+        shape = [None, c, None, None] if self.dynamic_hw else [None, c, h, w]
+        return [p.static.InputSpec(shape=shape, dtype="float32", name=INPUT_NAME)]
+
+    def checked_sample(self) -> np.ndarray:
+        x = np.ascontiguousarray(self.sample, dtype=np.float32)
+        c, h, w = self.input_shape
+        if x.ndim != 4 or x.shape[1] != c or (not self.dynamic_hw and tuple(x.shape[2:]) != (h, w)):
+            raise StageError(f"parity sample has shape {list(x.shape)}; the export expects "
+                             f"[N, {c}, {'H, W' if self.dynamic_hw else f'{h}, {w}'}]")
+        return x
+
+
+@dataclass
+class ExportResult:
+    target: str
+    path: Path  # the directory holding the export
+    files: dict[str, str]  # path relative to `path` -> sha256
+    size_bytes: int
+    parity: dict  # max_abs_diff, atol, rtol, tolerance, ok, ...
+    details: dict = field(default_factory=dict)  # target-specific facts (threads, opset, QDQ node counts...)
+    runner: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "path": str(self.path), "files": dict(self.files),
+                "size_bytes": self.size_bytes, "parity": dict(self.parity), "details": dict(self.details)}
+
+
+class Runner:
+    """A reloaded model as ``np.ndarray -> np.ndarray`` (its first output); ``run_all`` returns every output."""
+
+    def __init__(self, run_all: Callable[[np.ndarray], list[np.ndarray]], target: str, threads: int):
+        self.run_all = run_all
+        self.target = target
+        self.threads = threads
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run_all(x)[0]
+
+    def __repr__(self) -> str:
+        return f"Runner({self.target}, threads={self.threads})"
+
+
+_TOLERANCE_PROPS = {
+    "atol": {"type": "number", "minimum": 0, "default": 1e-4,
+             "description": "float model: allowed max abs difference from the in-memory model"},
+    "rtol": {"type": "number", "minimum": 0, "default": 1e-4,
+             "description": "float model: extra allowance, as a fraction of the largest |output|"},
+    "atol_quantized": {"type": "number", "minimum": 0, "default": 1e-2,
+                       "description": "quantized model: allowed max abs difference (int8 rounding differs "
+                                      "between fake-quant training ops and the runtime's kernels)"},
+    "rtol_quantized": {"type": "number", "minimum": 0, "default": 2e-2,
+                       "description": "quantized model: extra allowance, as a fraction of the largest |output|"},
+    "threads": {"type": "integer", "minimum": 1, "maximum": 256, "default": 1,
+                "description": "CPU threads of the reloaded runtime (parity run and latency)"},
+}
+
+PADDLE_INFERENCE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        **_TOLERANCE_PROPS,
+        "mkldnn": {"type": "boolean", "default": True,
+                   "description": "run the predictor with oneDNN (MKL-DNN) kernels"},
+    },
+}
+
+ONNX_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        **_TOLERANCE_PROPS,
+        "opset": {"type": "integer", "minimum": 7, "maximum": 17, "default": 13,
+                  "description": "ONNX opset for paddle2onnx (raised automatically if an op needs more; "
+                                 "quantized models need 13 or more for per-channel QDQ)"},
+        "require_qdq": {"type": "boolean", "default": True,
+                        "description": "quantized model: fail unless the ONNX graph has "
+                                       "QuantizeLinear/DequantizeLinear nodes"},
+    },
+}
+
+
+def _with_defaults(params: dict | None, schema: dict) -> dict:
+    out = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+    out.update(params or {})
+    return out
+
+
+def _flatten(out) -> list:
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [a for o in out for a in _flatten(o)]
+    return [np.asarray(out.numpy() if hasattr(out, "numpy") else out)]
+
+
+def eager_outputs(model, x: np.ndarray) -> list[np.ndarray]:
+    """The in-memory model's outputs on ``x`` in eval mode (the model's train/eval mode is restored)."""
+    p = paddle()
+    ensure_dynamic_mode()
+    was_training = model.training
+    model.eval()
+    try:
+        with p.no_grad():
+            return _flatten(model(p.to_tensor(x)))
+    finally:
+        if was_training:
+            model.train()
+
+
+def check_parity(target: str, reference: list[np.ndarray], got: list[np.ndarray], *, atol: float, rtol: float,
+                 quantized: bool, where: Path) -> dict:
+    """Figures comparing a reloaded export with the in-memory model; ``StageError`` when out of tolerance."""
+    if len(reference) != len(got) or any(r.shape != g.shape for r, g in zip(reference, got)):
+        raise StageError(f"{target} export at {where} does not reproduce the in-memory model: output shapes "
+                         f"{[list(g.shape) for g in got]} instead of {[list(r.shape) for r in reference]}")
+    diffs = [float(np.max(np.abs(r.astype(np.float64) - g))) if r.size else 0.0 for r, g in zip(reference, got)]
+    max_ref = max((float(np.max(np.abs(r))) if r.size else 0.0) for r in reference)
+    max_diff = max(diffs)
+    tolerance = atol + rtol * max_ref
+    finite = all(np.all(np.isfinite(g)) for g in got)
+    parity = {
+        "max_abs_diff": max_diff,
+        "max_abs_reference": max_ref,
+        "max_rel_diff": max_diff / max_ref if max_ref > 0 else (0.0 if max_diff == 0 else float("inf")),
+        "atol": atol,
+        "rtol": rtol,
+        "tolerance": tolerance,
+        "quantized": quantized,
+        "batch": int(reference[0].shape[0]) if reference[0].ndim else 1,
+        "ok": bool(finite and max_diff <= tolerance),
+    }
+    first = reference[0]
+    if first.ndim == 2 and first.shape[1] > 1:
+        # a classifier's decisions are what a user sees change
+        parity["top1_agreement"] = float(np.mean(first.argmax(1) == got[0].argmax(1)))
+    if not parity["ok"]:
+        worst = int(np.argmax(diffs))
+        raise StageError(
+            f"{target} export at {where} does not reproduce the in-memory model on the parity batch of "
+            f"{parity['batch']}: max abs diff {max_diff:.6g} (output {worst}) > tolerance {tolerance:.6g} "
+            f"(atol {atol:g} + rtol {rtol:g} x max |reference| {max_ref:.6g})"
+            + ("" if finite else "; the export produced non-finite values")
+            + ("; tolerances for quantized models are atol_quantized/rtol_quantized" if quantized else ""))
+    return parity
+
+
+def _save_paddle(ctx: ExportContext, prefix: Path) -> None:
+    """Paddle inference files at ``prefix``.pdmodel/.pdiparams; quantized models through the quanter."""
+    p = paddle()
+    ensure_dynamic_mode()
+    if ctx.quanter is not None:
+        from .qat import save_quantized
+
+        save_quantized(ctx.model, ctx.quanter, prefix, ctx.input_spec())
+        return
+    was_training = ctx.model.training
+    ctx.model.eval()
+    try:
+        p.jit.save(ctx.model, str(prefix), input_spec=ctx.input_spec())
+    finally:
+        ensure_dynamic_mode()
+        if was_training:
+            ctx.model.train()
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    # the old export stays whole until the new one is complete
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _files_and_size(root: Path) -> tuple[dict[str, str], int]:
+    files = sha256_tree(root)
+    return files, sum((root / rel).stat().st_size for rel in files)
+
+
+def paddle_predictor(model_file: Path, params_file: Path, threads: int = 1, mkldnn: bool = True) -> Runner:
+    """A Paddle Inference CPU predictor for a saved model, as a :class:`Runner`."""
+    p = paddle()
+    config = p.inference.Config(str(model_file), str(params_file))
+    config.disable_gpu()
+    config.disable_glog_info()
+    config.set_cpu_math_library_num_threads(threads)
+    if mkldnn:
+        config.enable_mkldnn()
+    else:
+        config.disable_mkldnn()
+    predictor = p.inference.create_predictor(config)
+    in_names = predictor.get_input_names()
+    if len(in_names) != 1:
+        raise StageError(f"the saved model at {model_file} has inputs {in_names}; expected one")
+    handle = predictor.get_input_handle(in_names[0])
+    out_handles = [predictor.get_output_handle(n) for n in predictor.get_output_names()]
+
+    def run_all(x: np.ndarray) -> list[np.ndarray]:
+        handle.reshape(list(x.shape))
+        handle.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
+        predictor.run()
+        return [h.copy_to_cpu() for h in out_handles]
+
+    return Runner(run_all, "paddle_inference", threads)
+
+
+@register("exporter", "paddle_inference", schema=PADDLE_INFERENCE_SCHEMA)
+def export_paddle_inference(params: dict, ctx: ExportContext) -> ExportResult:
+    """Paddle Inference model (.pdmodel/.pdiparams), reloaded by a CPU predictor and checked for parity."""
+    prm = _with_defaults(params, PADDLE_INFERENCE_SCHEMA)
+    x = ctx.checked_sample()
+    quantized = ctx.quanter is not None
+    reference = eager_outputs(ctx.model, x)
+    out_dir = Path(ctx.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "paddle_inference"
+    staging = Path(tempfile.mkdtemp(prefix=".paddle_inference.", dir=out_dir))
+    try:
+        _save_paddle(ctx, staging / MODEL_PREFIX)
+        _replace_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    runner = paddle_predictor(final / f"{MODEL_PREFIX}.pdmodel", final / f"{MODEL_PREFIX}.pdiparams",
+                              threads=prm["threads"], mkldnn=prm["mkldnn"])
+    tol = ("atol_quantized", "rtol_quantized") if quantized else ("atol", "rtol")
+    parity = check_parity("paddle_inference", reference, runner.run_all(x), atol=prm[tol[0]], rtol=prm[tol[1]],
+                          quantized=quantized, where=final)
+    files, size = _files_and_size(final)
+    details = {"threads": prm["threads"], "mkldnn": prm["mkldnn"], "input_name": INPUT_NAME,
+               "dynamic_hw": ctx.dynamic_hw, "quantized": quantized,
+               "model_file": f"{MODEL_PREFIX}.pdmodel", "params_file": f"{MODEL_PREFIX}.pdiparams"}
+    return ExportResult("paddle_inference", final, files, size, parity, details, runner)
+
+
+def onnx_op_counts(onnx_file: Path) -> dict[str, int]:
+    """How many nodes of each op type the ONNX graph (subgraphs included) has."""
+    return _onnx_facts(onnx_file)[0]
+
+
+def _onnx_facts(onnx_file: Path) -> tuple[dict[str, int], int | None]:
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    counts: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+
+    walk(model.graph)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    return counts, opset
+
+
+def _int8_kernels(op_counts: dict[str, int]) -> dict[str, int]:
+    return {op: n for op, n in sorted(op_counts.items())
+            if op.startswith("QLinear") or op.endswith("Integer") or op.startswith("DynamicQuantize")}
+
+
+def onnx_session(onnx_file: Path, threads: int = 1, record_kernels: bool = False) -> tuple[Runner, dict]:
+    """An onnxruntime CPU session as a :class:`Runner`, and the int8 kernel ops onnxruntime chose.
+
+    ``record_kernels`` has onnxruntime write its optimized graph (to a temporary file) so the ops it really
+    runs (QLinearConv, MatMulInteger...) can be counted: QDQ nodes in the file alone do not prove int8 kernels.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    kernels: dict = {}
+    with tempfile.TemporaryDirectory(prefix="slimrecipe-ort-") as tmp:
+        if record_kernels:
+            so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        session = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+        if record_kernels and Path(so.optimized_model_filepath).exists():
+            kernels = _int8_kernels(onnx_op_counts(Path(so.optimized_model_filepath)))
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise StageError(f"the ONNX model at {onnx_file} has inputs {[i.name for i in inputs]}; expected one")
+    in_name = inputs[0].name
+
+    def run_all(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {in_name: np.ascontiguousarray(x, dtype=np.float32)})
+
+    return Runner(run_all, "onnx", threads), kernels
+
+
+@register("exporter", "onnx", schema=ONNX_SCHEMA)
+def export_onnx(params: dict, ctx: ExportContext) -> ExportResult:
+    """ONNX model via paddle2onnx (QDQ form for a quantized model), reloaded by onnxruntime and checked."""
+    prm = _with_defaults(params, ONNX_SCHEMA)
+    x = ctx.checked_sample()
+    quantized = ctx.quanter is not None
+    if quantized and not ctx.quanter.config.get("onnx_format", False):
+        raise StageError("the onnx exporter needs a model quantized with onnx_format: true (QDQ ops); "
+                         "this one was quantized with onnx_format: false")
+    reference = eager_outputs(ctx.model, x)
+    out_dir = Path(ctx.out_dir)
+    final = out_dir / "onnx"
+    final.mkdir(parents=True, exist_ok=True)
+    onnx_file = final / f"{MODEL_PREFIX}.onnx"
+    paddle()  # paddle2onnx imports paddle: let paddle_env do it first (zlib)
+    import paddle2onnx
+
+    with tempfile.TemporaryDirectory(prefix="slimrecipe-onnx-src-") as tmp:
+        prefix = Path(tmp) / MODEL_PREFIX
+        _save_paddle(ctx, prefix)
+        model_bytes = paddle2onnx.export(
+            f"{prefix}.pdmodel", f"{prefix}.pdiparams", save_file=None, opset_version=prm["opset"],
+            auto_upgrade_opset=True, verbose=False, enable_onnx_checker=True, deploy_backend="onnxruntime")
+    write_bytes(onnx_file, model_bytes)
+
+    op_counts, opset = _onnx_facts(onnx_file)
+    qdq = {op: op_counts.get(op, 0) for op in _QDQ_OPS}
+    has_qdq = all(qdq.values())
+    if quantized and prm["require_qdq"] and not has_qdq:
+        raise StageError(f"the ONNX export of the quantized model at {onnx_file} has no QDQ pairs "
+                         f"({qdq}); onnxruntime would run it in float")
+    runner, kernels = onnx_session(onnx_file, threads=prm["threads"], record_kernels=quantized)
+    tol = ("atol_quantized", "rtol_quantized") if quantized else ("atol", "rtol")
+    parity = check_parity("onnx", reference, runner.run_all(x), atol=prm[tol[0]], rtol=prm[tol[1]],
+                          quantized=quantized, where=onnx_file)
+    files = {onnx_file.name: sha256_file(onnx_file)}
+    details = {"threads": prm["threads"], "opset_requested": prm["opset"], "opset": opset,
+               "input_name": INPUT_NAME, "dynamic_hw": ctx.dynamic_hw, "quantized": quantized,
+               "model_file": f"{MODEL_PREFIX}.onnx", "qdq_nodes": qdq, "has_qdq": has_qdq,
+               "ort_int8_kernels": kernels}
+    return ExportResult("onnx", final, files, onnx_file.stat().st_size, parity, details, runner)
+
+
+def interleaved_latency(runners: dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, repeats: int = 30,
+                        warmup: int = 5) -> dict:
+    """Time ``runners`` on ``x`` interleaved in one process; the first runner is the baseline.
+
+    Each round runs every runner once, in an order that reverses every round (A B, B A, ...), so that drift
+    of a shared machine and cache effects fall on all alike. Warm-up rounds are not timed. Returns per runner
+    median/p90/mean/min ms, its thread count (``runner.threads`` when it has one), ``ratio_to_first`` (its
+    median over the baseline's) and ``paired_ratio`` (median over rounds of the in-round ratio).
+    """
+    if not runners:
+        raise ValueError("interleaved_latency needs at least one runner")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    names = list(runners)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    for _ in range(warmup):
+        for n in names:
+            runners[n](x)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    clock = time.perf_counter
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = clock()
+            runners[n](x)
+            times[n].append((clock() - t0) * 1e3)
+    first = names[0]
+    base = np.asarray(times[first])
+    med_first = float(np.median(base))
+    stats = {}
+    for n in names:
+        t = np.asarray(times[n])
+        med = float(np.median(t))
+        stats[n] = {
+            "median_ms": med,
+            "p90_ms": float(np.percentile(t, 90)),
+            "mean_ms": float(np.mean(t)),
+            "min_ms": float(np.min(t)),
+            "threads": getattr(runners[n], "threads", None),
+            "ratio_to_first": med / med_first if med_first > 0 else float("nan"),
+            "paired_ratio": float(np.median(t / np.maximum(base, 1e-9))),
+        }
+    return {"baseline": first, "input_shape": list(x.shape), "repeats": repeats, "warmup": warmup,
+            "order": "interleaved, reversed every round", "cpu_count": os.cpu_count(), "runners": stats}

@@ -1,0 +1,209 @@
+"""One run: stages in recipe order over one shared state, each result written when its stage completes.
+
+A stage is ``fn(state: RunState, params: dict) -> dict``. The dict it returns is written to
+``stages/<n>-<name>/result.json``; a stage whose result file exists is not run again, which is how an
+interrupted run resumes. A stage that changes the model saves its weights and names them under
+``"checkpoint"`` in its result, so a resumed run can rebuild the model (plan re-applied, weights loaded)
+without re-running anything.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from . import registry
+from .errors import RecipeError
+from .fileio import read_json, sha256_file, write_json
+
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+
+
+class RunState:
+    """What travels through the stages: the recipe, the data, the metric, the current model."""
+
+    def __init__(self, recipe: dict, run_dir: Path):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.cache_dir = Path(recipe["cache_dir"]).expanduser()
+        self.seed = int(recipe["seed"])
+        self.results: dict[str, dict] = {}
+        self.stage_dir: Path | None = None
+        self.inputs: dict[str, str] = {}  # label -> path of every input file, hashed into the snapshot
+        self.weights: Path | None = _opt_path(recipe["model"].get("weights"))
+        if self.weights:
+            self.inputs["model.weights"] = str(self.weights)
+        self.plan: dict | None = None
+        self.quant_config: dict | None = None
+        self.quanter = None
+        self._model = None
+        self._data = None
+        self._metric = None
+
+    # ------------------------------------------------------------------ lazily built pieces
+    @property
+    def data(self):
+        if self._data is None:
+            spec = self.recipe["dataset"]
+            plugin = registry.get("dataset", spec["name"], "dataset.name")
+            ctx = SimpleNamespace(cache_dir=self.cache_dir / "data", seed=self.seed)
+            self._data = plugin.obj(spec.get("params") or {}, ctx)
+        return self._data
+
+    @property
+    def metric(self):
+        if self._metric is None:
+            spec = self.recipe["metric"]
+            self._metric = registry.get("metric", spec["name"], "metric.name").obj(spec.get("params") or {})
+        return self._metric
+
+    def build_model(self, *, plan: dict | None = None, weights: Path | None = None, quant_config=None):
+        """A fresh model from the recipe; the plan re-applied (never re-derived), then the weights loaded."""
+        from .paddle_env import paddle
+
+        spec = self.recipe["model"]
+        model = registry.get("model", spec["name"], "model.name").obj(spec.get("params") or {}, self.data)
+        if plan:
+            from .pruning import apply_plan
+
+            apply_plan(model, self.input_shape, plan)
+        quanter = None
+        if quant_config is not None:
+            from .qat import make_quanter, quantize
+
+            quanter = make_quanter(quant_config)
+            quantize(model, quanter)
+        if weights:
+            state = paddle().load(str(weights))
+            _load_exact(model, state, weights)
+        model.eval()
+        return model, quanter
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model, self.quanter = self.build_model(plan=self.plan, weights=self.weights,
+                                                         quant_config=self.quant_config)
+        return self._model
+
+    def set_model(self, model, weights: Path, *, plan: dict | None = None, quanter=None, quant_config=None) -> dict:
+        """Adopt a changed model; returns the checkpoint record a stage puts in its result."""
+        self._model = model
+        self.weights = Path(weights)
+        if plan is not None:
+            self.plan = plan
+        if quant_config is not None:
+            self.quant_config, self.quanter = quant_config, quanter
+        return {"weights": str(Path(weights).relative_to(self.run_dir)), "plan": self.plan,
+                "quant_config": self.quant_config}
+
+    def baseline_model(self):
+        """The unpruned model with the baseline weights (distillation teacher, latency reference)."""
+        model, _ = self.build_model(weights=self.baseline_weights)
+        return model
+
+    @property
+    def baseline_weights(self) -> Path | None:
+        return Path(self.results["train"]["weights_path"]) if "train" in self.results else _opt_path(
+            self.recipe["model"].get("weights"))
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.data.input_shape)
+
+    # ------------------------------------------------------------------ measuring
+    def evaluate(self, model=None, dataset=None, batch_size: int = 64) -> float:
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        from .paddle_env import paddle
+
+        with paddle().no_grad():
+            value = float(self.metric.evaluate(model, self.data.val if dataset is None else dataset, batch_size,
+                                               self.data.collate_fn))
+        if was_training:
+            model.train()
+        return value
+
+    def measure(self, model=None, batch_size: int = 64) -> dict:
+        """Metric, FLOPs and parameter count of a model (the current one by default)."""
+        from .pruning import count_flops, count_params
+
+        model = self.model if model is None else model
+        return {"metric": self.evaluate(model, batch_size=batch_size),
+                "flops": count_flops(model, self.input_shape), "params": count_params(model)}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def absorb(self, name: str, result: dict) -> None:
+        """Take a completed stage's result into the state (also used when resuming)."""
+        self.results[name] = result
+        ckpt = result.get("checkpoint")
+        if ckpt:
+            self.weights = self.run_dir / ckpt["weights"]
+            self.plan = ckpt.get("plan")
+            self.quant_config = ckpt.get("quant_config")
+            self._model = None  # rebuilt on demand from plan + weights
+        for label, path in (result.get("inputs") or {}).items():
+            self.inputs[label] = path
+
+
+def _load_exact(model, state: dict, source) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    bad = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own
+           if k in state and list(state[k].shape) != list(own[k].shape)]
+    if missing or bad:
+        raise RuntimeError(f"weights {source} do not fit the model: missing {missing[:5]} mismatched {bad[:5]}")
+    model.set_state_dict({k: state[k] for k in own})
+
+
+def _opt_path(p) -> Path | None:
+    return Path(p).expanduser() if p else None
+
+
+def stage_dirs(run_dir: Path, stages: list[str]) -> list[Path]:
+    return [Path(run_dir) / "stages" / f"{i}-{name}" for i, name in enumerate(stages, 1)]
+
+
+def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
+    """Run (or resume) every stage of a validated recipe in ``run_dir``."""
+    from . import snapshot
+    from .paddle_env import seed_everything
+
+    run_dir = Path(run_dir)
+    snapshot.begin(recipe, run_dir)
+    seed_everything(int(recipe["seed"]))
+    state = RunState(recipe, run_dir)
+    for name, sdir in zip(recipe["stages"], stage_dirs(run_dir, recipe["stages"])):
+        result_file = sdir / "result.json"
+        if result_file.exists():
+            state.absorb(name, read_json(result_file))
+            echo(f"[{sdir.name}] done earlier, skipped")
+            continue
+        plugin = registry.get("stage", name, "stages")
+        sdir.mkdir(parents=True, exist_ok=True)
+        state.stage_dir = sdir
+        echo(f"[{sdir.name}] running")
+        t0 = time.perf_counter()
+        result = plugin.obj(state, recipe.get(name) or {}) or {}
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(result_file, result)
+        state.absorb(name, result)
+        echo(f"[{sdir.name}] done in {result['seconds']:.1f}s")
+    snapshot.finish(state)
+    return state
+
+
+def load_run_recipe(run_dir: Path) -> dict:
+    import yaml
+
+    f = Path(run_dir) / RESOLVED_RECIPE
+    if not f.exists():
+        raise RecipeError(f"{run_dir} is not a slimrecipe run directory (no {RESOLVED_RECIPE})")
+    return yaml.safe_load(f.read_text(encoding="utf-8"))
+
+
+def file_hash_or_none(path) -> str | None:
+    p = Path(path)
+    return sha256_file(p) if p.is_file() else None

@@ -1,0 +1,78 @@
+"""`export`: every target of `export.targets`, reloaded and checked against the in-memory model, then timed
+interleaved with the same export of the unpruned baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import registry
+from ..batching import stack_samples
+from ..registry import register
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["targets"],
+    "properties": {
+        "targets": {"type": "object", "description": "exporter plugin -> its parameters"},
+        "sample_batch": {"type": "integer", "minimum": 1, "maximum": 256,
+                         "description": "validation images used for the parity check"},
+        "dynamic_hw": {"type": "boolean", "description": "export with free height and width (detectors)"},
+        "compare_baseline": {"type": "boolean", "description": "also export the unpruned baseline and time both"},
+        "latency": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "repeats": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "warmup": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "batch_size": {"type": "integer", "minimum": 1, "maximum": 256},
+            },
+        },
+    },
+}
+
+
+@register("stage", "export", schema=SCHEMA)
+def export(state, params: dict) -> dict:
+    """Export, reload, check parity, measure size and CPU latency against the baseline's export."""
+    from ..exporters import ExportContext, interleaved_latency
+
+    model = state.model
+    model.eval()
+    data = state.data
+    n = min(int(params.get("sample_batch", 8)), len(data.val))
+    collate = data.collate_fn or stack_samples
+    sample = np.asarray(collate([data.val[i] for i in range(n)])[0], dtype=np.float32)
+    lat = params.get("latency") or {}
+    lat_x = sample[: int(lat.get("batch_size", 1))]
+    baseline = state.baseline_model() if params.get("compare_baseline", True) else None
+    out = {"targets": {}}
+    for name, target_params in params["targets"].items():
+        plugin = registry.get("exporter", name, f"export.targets.{name}")
+        target_params = target_params or {}
+        dyn = bool(params.get("dynamic_hw", False))
+        res = plugin.obj(target_params, ExportContext(model, state.input_shape, dyn, sample,
+                                                      state.run_dir / "export" / name, state.quanter))
+        entry = {"compressed": res.to_json()}
+        runners = {"compressed": res.runner}
+        if baseline is not None:
+            base = plugin.obj(target_params, ExportContext(baseline, state.input_shape, dyn, sample,
+                                                           state.run_dir / "export" / "baseline" / name, None))
+            entry["baseline"] = base.to_json()
+            runners = {"baseline": base.runner, "compressed": res.runner}
+        timing = interleaved_latency(runners, lat_x, repeats=int(lat.get("repeats", 50)),
+                                     warmup=int(lat.get("warmup", 5)))
+        for who in runners:
+            entry[who]["latency"] = timing[who]
+        entry["latency_setup"] = (f"median of {lat.get('repeats', 50)} runs after {lat.get('warmup', 5)} warm-up, "
+                                  f"batch {len(lat_x)}, input {list(lat_x.shape[1:])}, "
+                                  f"{timing.get('threads', '?')} thread(s), baseline and compressed interleaved")
+        out["targets"][name] = entry
+        c = entry["compressed"]
+        msg = f"  {name}: {c['size_bytes'] / 2**20:.2f} MB, parity max abs diff {c['parity']['max_abs_diff']:.2e}"
+        if baseline is not None:
+            b = entry["baseline"]
+            msg += (f"; latency {b['latency']['median_ms']:.2f} ms (baseline) vs {c['latency']['median_ms']:.2f} ms, "
+                    f"size {b['size_bytes'] / 2**20:.2f} MB (baseline)")
+        print(msg)
+    return out

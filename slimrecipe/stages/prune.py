@@ -1,0 +1,88 @@
+"""`prune`: filter pruning to a target (tolerated metric loss, FLOPs cut, or explicit ratios), as a saved plan."""
+
+from __future__ import annotations
+
+from ..errors import RecipeError
+from ..fileio import read_json, write_json
+from ..registry import register
+from ._training import save_weights
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["target"],
+    "properties": {
+        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "description": "which filters go first"},
+        "target": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "maxProperties": 1,
+            "description": "exactly one of eval_metric_loss, flops, ratios",
+            "properties": {
+                "eval_metric_loss": {"type": "number", "minimum": 0, "maximum": 1,
+                                     "description": "largest tolerated relative metric loss per parameter"},
+                "flops": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+                          "description": "share of FLOPs to remove, reached within `tolerance`"},
+                "ratios": {"type": "object", "minProperties": 1,
+                           "additionalProperties": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                           "description": "explicit {parameter: ratio}"},
+            },
+        },
+        "tolerance": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.2,
+                      "description": "flops target: allowed distance from the target cut"},
+        "align": {"enum": [None, 1, 8, 16], "description": "keep channel counts a multiple of this"},
+    },
+}
+
+
+@register("stage", "prune", schema=SCHEMA)
+def prune(state, params: dict) -> dict:
+    """Plan (skip rules + target), write plan.json, prune the current model by it, save the weights."""
+    from ..pruning import (apply_plan, apply_skip_rules, make_plan, prunable_params, ratios_for_flops_target,
+                           ratios_for_metric_loss)
+
+    model = state.model
+    shape = state.input_shape
+    criterion = params.get("criterion", "l1_norm")
+    align = params.get("align")
+    target = params["target"]
+    sens_file = state.run_dir / "sensitivity.json"
+    table = _float_table(read_json(sens_file)["table"]) if sens_file.exists() else {}
+    prunable = prunable_params(model, shape)
+    kept, skipped = apply_skip_rules(prunable, table, state.recipe.get("skip") or {})
+    achieved = None
+    if "eval_metric_loss" in target:
+        ratios = ratios_for_metric_loss({k: table[k] for k in kept if k in table}, target["eval_metric_loss"])
+    elif "flops" in target:
+        ratios, achieved = ratios_for_flops_target(
+            model, shape, {k: table[k] for k in kept if k in table}, target["flops"],
+            tolerance=params.get("tolerance", 0.01), criterion=criterion, align=align)
+    else:
+        names = {p["name"] for p in prunable}
+        unknown = [k for k in target["ratios"] if k not in names]
+        if unknown:
+            raise RecipeError(f"not a prunable parameter of this model: {unknown[:3]}; prunable: "
+                              f"{sorted(names)[:6]} ...", path=f"prune.target.ratios.{unknown[0]}")
+        ratios = {k: v for k, v in target["ratios"].items() if k in kept}
+    plan = make_plan(model, shape, prunable, ratios, skipped, criterion=criterion, align=align,
+                     min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
+    write_json(state.run_dir / "plan.json", plan)
+
+    before = state.measure(model)
+    apply_plan(model, shape, plan)
+    weights = save_weights(model, state.stage_dir / "model.pdparams")
+    after = state.measure(model)
+    n_pruned = sum(1 for p in plan["params"].values() if p["channels_after"] < p["channels_before"])
+    summary = {"prunable": len(plan["params"]), "pruned": n_pruned, "skipped": len(skipped)}
+    print(f"  pruned {n_pruned}/{len(plan['params'])} convolutions: FLOPs {before['flops']:.4g} -> {after['flops']:.4g}"
+          f" ({1 - after['flops'] / before['flops']:.1%} cut), {state.metric.name} {before['metric']:.4f} -> "
+          f"{after['metric']:.4f}")
+    return {"before": before, "after": after, "metric": after["metric"], "flops": after["flops"],
+            "params": after["params"], "flops_cut": 1 - after["flops"] / before["flops"],
+            "target": target, "achieved_flops_cut_planned": achieved, "plan_summary": summary,
+            "checkpoint": state.set_model(model, weights, plan=plan)}
+
+
+def _float_table(table: dict) -> dict:
+    return {p: {float(r): float(v) for r, v in row.items()} for p, row in table.items()}

@@ -1,0 +1,142 @@
+"""`report`: the outcome of a run in ten seconds: report.md, report.json and a picture."""
+
+from __future__ import annotations
+
+from ..fileio import atomic_write, write_json, write_text
+from ..registry import register
+
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "properties": {"plot": {"type": "boolean", "description": "draw report.png"}}}
+
+# stage name -> row label, in the order a model moves through a recipe
+PHASES = (("evaluate", "baseline"), ("prune", "pruned"), ("finetune", "finetuned"), ("qat", "quantized (QAT)"))
+
+
+def collect(state) -> dict:
+    rows = []
+    for stage, label in PHASES:
+        r = state.results.get(stage)
+        if not r:
+            continue
+        figures = r.get("after", r)
+        if "metric" in figures:
+            rows.append({"phase": label, "metric": figures["metric"], "flops": figures.get("flops"),
+                         "params": figures.get("params")})
+    base = rows[0] if rows else None
+    for row in rows:
+        for k in ("metric", "flops", "params"):
+            if base and base.get(k) and row.get(k) is not None:
+                row[f"{k}_vs_baseline"] = row[k] / base[k]
+    exports = (state.results.get("export") or {}).get("targets", {})
+    plan = (state.results.get("prune") or {}).get("plan_summary")
+    return {"recipe": state.recipe["name"], "metric_name": state.metric.name, "phases": rows, "exports": exports,
+            "plan": plan, "run_dir": str(state.run_dir),
+            "seconds": {k: v.get("seconds") for k, v in state.results.items()}}
+
+
+def render_markdown(rep: dict) -> str:
+    m = rep["metric_name"]
+    lines = [f"# {rep['recipe']}", "", f"Run directory: `{rep['run_dir']}`", ""]
+    lines += [f"| phase | {m} | Δ {m} | FLOPs | FLOPs vs base | params | params vs base |", "|---|---|---|---|---|---|---|"]
+    base = rep["phases"][0]["metric"] if rep["phases"] else None
+    for r in rep["phases"]:
+        delta = f"{r['metric'] - base:+.4f}" if base is not None else ""
+        lines.append(f"| {r['phase']} | {r['metric']:.4f} | {delta} | {_si(r.get('flops'))} | "
+                     f"{_ratio(r.get('flops_vs_baseline'))} | {_si(r.get('params'))} | {_ratio(r.get('params_vs_baseline'))} |")
+    if rep["exports"]:
+        lines += ["", "## Exports (baseline and compressed model, timed interleaved in one process)", "",
+                  "| target | size base | size | size vs base | latency base (ms) | latency (ms) | speed-up | parity max abs diff |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, e in rep["exports"].items():
+            b, c = e.get("baseline") or {}, e["compressed"]
+            lat_b, lat_c = (b.get("latency") or {}).get("median_ms"), (c.get("latency") or {}).get("median_ms")
+            lines.append(
+                f"| {name} | {_mb(b.get('size_bytes'))} | {_mb(c.get('size_bytes'))} | "
+                f"{_ratio(c['size_bytes'] / b['size_bytes'] if b.get('size_bytes') else None)} | "
+                f"{_num(lat_b)} | {_num(lat_c)} | {_x(lat_b / lat_c if lat_b and lat_c else None)} | "
+                f"{c['parity']['max_abs_diff']:.2e} |")
+        any_lat = next(iter(rep["exports"].values())).get("latency_setup")
+        if any_lat:
+            lines += ["", f"Latency: {any_lat}"]
+    if rep.get("plan"):
+        p = rep["plan"]
+        lines += ["", "## Pruning plan", "", f"{p['pruned']} of {p['prunable']} prunable convolutions pruned, "
+                  f"{p['skipped']} skipped (see plan.json for the rule behind each)."]
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["seconds"].items() if v is not None)]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(rep: dict) -> str:
+    """The few lines printed at the end of a run."""
+    m = rep["metric_name"]
+    out = [f"{'phase':<18}{m:>16}{'FLOPs':>12}{'params':>12}"]
+    for r in rep["phases"]:
+        out.append(f"{r['phase']:<18}{r['metric']:>16.4f}{_si(r.get('flops')):>12}{_si(r.get('params')):>12}")
+    for name, e in rep["exports"].items():
+        b, c = e.get("baseline") or {}, e["compressed"]
+        lat_b, lat_c = (b.get("latency") or {}).get("median_ms"), (c.get("latency") or {}).get("median_ms")
+        if lat_b and lat_c:
+            out.append(f"export {name}: {_mb(b.get('size_bytes'))} -> {_mb(c.get('size_bytes'))}, "
+                       f"latency {lat_b:.2f} -> {lat_c:.2f} ms ({lat_b / lat_c:.2f}x)")
+        else:
+            out.append(f"export {name}: {_mb(c.get('size_bytes'))}")
+    return "\n".join(out)
+
+
+@register("stage", "report", schema=SCHEMA)
+def report(state, params: dict) -> dict:
+    """Write report.md / report.json (and report.png) from the stages' results."""
+    rep = collect(state)
+    write_json(state.run_dir / "report.json", rep)
+    write_text(state.run_dir / "report.md", render_markdown(rep))
+    if params.get("plot", True) and rep["phases"]:
+        _plot(rep, state.run_dir / "report.png")
+    return {"summary_table": summary_table(rep)}
+
+
+def _plot(rep: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = rep["phases"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    labels = [p["phase"] for p in phases]
+    for ax, key, title in zip(axes, ("metric", "flops_vs_baseline", "params_vs_baseline"),
+                              (rep["metric_name"], "FLOPs vs baseline", "params vs baseline")):
+        vals = [p.get(key) or 0 for p in phases]
+        ax.bar(labels, vals, color=["#888"] + ["#3a7"] * (len(vals) - 1))
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle(rep["recipe"])
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _si(v) -> str:
+    if v is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def _mb(b) -> str:
+    return "-" if not b else f"{b / 2**20:.2f} MB"
+
+
+def _ratio(r) -> str:
+    return "-" if r is None else f"{r:.3f}"
+
+
+def _x(r) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
