@@ -157,11 +157,11 @@ def _strip_type(schema: dict) -> dict:
 
 def validate(recipe: dict, *, check_files: bool = True) -> dict:
     """Raise RecipeError listing every problem; return the recipe unchanged when it is valid."""
-    from jsonschema import Draft202012Validator, validators
+    from jsonschema import Draft202012Validator, ValidationError, validators
 
     def x_file(validator, wanted, instance, schema):
         if wanted and check_files and isinstance(instance, str) and not Path(instance).expanduser().exists():
-            yield _FileError(f"file not found: {instance!r}")
+            yield ValidationError(f"file not found: {instance!r}")
 
     cls = validators.extend(Draft202012Validator, {"x-file": x_file})
     schema = assembled_schema()
@@ -171,10 +171,6 @@ def validate(recipe: dict, *, check_files: bool = True) -> dict:
         unique = list(dict.fromkeys(problems))
         raise RecipeError(sorted(unique, key=lambda p: p.path))
     return recipe
-
-
-class _FileError(Exception):
-    pass
 
 
 def _leaf_errors(errors):

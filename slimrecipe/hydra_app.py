@@ -8,11 +8,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from .config import RECIPES_DIR
 from .errors import RecipeError, StageError
 
 
 def hydra_entry(status: dict) -> None:
-    @hydra.main(version_base="1.3", config_path="recipes", config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="config")
     def task(cfg: DictConfig) -> None:
         from pathlib import Path
 

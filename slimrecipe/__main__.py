@@ -1,0 +1,5 @@
+"""`python -m slimrecipe` is the `slimrecipe` command."""
+
+from .cli import entry
+
+entry()

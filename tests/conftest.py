@@ -1,0 +1,36 @@
+"""Shared fixtures: a private cache directory per test session, and recipe composition helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("slimrecipe-cache")
+    old = os.environ.get("SLIMRECIPE_CACHE_DIR")
+    os.environ["SLIMRECIPE_CACHE_DIR"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("SLIMRECIPE_CACHE_DIR", None)
+    else:
+        os.environ["SLIMRECIPE_CACHE_DIR"] = old
+
+
+def _run_cli(*args, cwd=None, env=None, timeout=600):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "slimrecipe", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run_cli():
+    """Run the `slimrecipe` command in a subprocess, as a user would."""
+    return _run_cli

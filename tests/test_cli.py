@@ -1,0 +1,53 @@
+"""The command line as a user meets it: fast help/validate/listing, exit code 2 and no traceback on mistakes."""
+
+from __future__ import annotations
+
+import json
+
+
+
+def test_validate_ok_does_not_import_paddle():
+    probe = ("import sys; from slimrecipe.cli import main; rc = main(['validate', '+recipe=cls_prune']); "
+             "print('PADDLE' if 'paddle' in sys.modules else 'NOPADDLE'); sys.exit(rc)")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "is valid" in out.stdout and "NOPADDLE" in out.stdout
+
+
+def test_validate_mistakes_exit_2_without_traceback(run_cli):
+    out = run_cli("validate", "+recipe=cls_prune", "prune.target.eval_metric_loss=1.5", "seed=x")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "prune.target.eval_metric_loss" in out.stderr and "seed" in out.stderr
+
+
+def test_run_with_a_mistake_exits_2_before_making_a_run_dir(tmp_path, run_cli):
+    out = run_cli("+recipe=cls_prune", "model.params.arch=resnet99", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 2 and "model.params.arch" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_recipe_exits_2(run_cli):
+    out = run_cli("validate", "+recipe=nope")
+    assert out.returncode == 2 and "cls_prune" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_and_recipes_listing(run_cli):
+    assert "slimrecipe +recipe=NAME" in run_cli("--help").stdout
+    listing = run_cli("recipes").stdout
+    assert "cls_prune" in listing
+
+
+def test_schema_command_prints_the_assembled_schema(run_cli):
+    schema = json.loads(run_cli("schema").stdout)
+    assert schema["$schema"].endswith("2020-12/schema")
+    assert "paddle_vision" in schema["properties"]["model"]["properties"]["name"]["enum"]
+    assert "prune" in schema["properties"]
+
+
+def test_missing_team_recipe_dir_is_a_recipe_error(tmp_path, run_cli):
+    out = run_cli("validate", "+recipe=cls_prune", env={"SLIMRECIPE_RECIPE_PATH": str(tmp_path / "absent")})
+    assert out.returncode == 2 and "SLIMRECIPE_RECIPE_PATH" in out.stderr
