@@ -18,7 +18,9 @@ ENTRY_POINT_GROUP = "slimrecipe.plugins"
 BUILTIN_MODULES = (
     "slimrecipe.models.vision",
     "slimrecipe.datasets.digits",
+    "slimrecipe.datasets.text_det",
     "slimrecipe.metrics.classification",
+    "slimrecipe.metrics.det",
     "slimrecipe.stages.train",
     "slimrecipe.stages.evaluate",
     "slimrecipe.stages.sensitivity",

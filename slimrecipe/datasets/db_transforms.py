@@ -251,7 +251,8 @@ def make_train_sample(
     its aspect ratio; the rest of the canvas is black.
     """
     height, width = image_bgr.shape[:2]
-    polys = [np.asarray(p, dtype=np.float64) for p in polys]
+    # labels often stray a pixel or two past the border; clipped, such words are still inside every crop
+    polys = clip_polygons(polys, height, width)
     ignore = np.asarray(ignore, dtype=bool)
     if config.random_crop:
         x0, y0, x1, y1 = random_crop_keeping_text(
