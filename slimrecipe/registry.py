@@ -17,6 +17,7 @@ KINDS = ("stage", "model", "dataset", "metric", "exporter")
 ENTRY_POINT_GROUP = "slimrecipe.plugins"
 BUILTIN_MODULES = (
     "slimrecipe.models.vision",
+    "slimrecipe.models.db",
     "slimrecipe.datasets.digits",
     "slimrecipe.datasets.text_det",
     "slimrecipe.metrics.classification",
