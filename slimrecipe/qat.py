@@ -15,7 +15,7 @@ import copy
 import weakref
 from typing import Any
 
-from .errors import Problem, RecipeError
+from .errors import Problem, RecipeError, StageError
 from .paddle_env import ensure_dynamic_mode, paddle, paddleslim
 
 # PaddleSlim 2.6's `_quant_config_default`, verbatim (a test keeps them equal).
@@ -89,7 +89,8 @@ QAT_PARAMS_SCHEMA: dict = {
         },
         "fuse_conv_bn": {
             "type": "boolean", "default": False,
-            "description": "fold BatchNorm into the preceding Conv2D before quantizing",
+            "description": "fold each BatchNorm2D into the Conv2D registered just before it, before "
+                           "quantizing (done by slimrecipe: Paddle 2.6's own folding is a no-op)",
         },
         "onnx_format": {
             "type": "boolean", "default": True,
@@ -139,25 +140,96 @@ def make_quanter(config: dict | None = None):
     return paddleslim().dygraph.quant.QAT(config=resolved)
 
 
-def uses_pact(quanter) -> bool:
+def has_preprocess(quanter) -> bool:
+    """True when PACT (on activations or weights) is in the quantized model, and so stripped at save time."""
     return quanter.config.get("activation_preprocess_type") == "PACT" or \
         quanter.config.get("weight_preprocess_type") == "PACT"
 
 
-def quantize(model, quanter):
+def quantize(model, quanter, example=None):
     """Insert fake-quant (and PACT) layers into ``model`` in place; returns ``model``.
 
-    The moving-average activation scales start uncalibrated: run some training-mode forwards (the QAT
-    finetune does) before evaluating or exporting.
+    With ``fuse_conv_bn`` each Conv2D directly followed by its BatchNorm2D is folded first (Paddle 2.6's
+    own fusion is a no-op: it fuses a copy and drops it). ``example`` (a float32 batch), when given, proves
+    the folding kept the model's eval outputs. The moving-average activation scales start uncalibrated: train,
+    or :func:`calibrate`, before evaluating or exporting.
     """
     ensure_dynamic_mode()
     was_training = model.training
+    if quanter.config.get("fuse_conv_bn"):
+        fuse_conv_bn(model, example)
     quanter.quantize(model, inplace=True)
-    if uses_pact(quanter):
-        # PaddleSlim's save re-quantizes quanter._model, its float copy, and so spoils it for a second save
+    if has_preprocess(quanter):
+        # PaddleSlim's save re-quantizes quanter._model (its float copy) in place: a second save would wrap
+        # its layers twice, the trained weights would no longer load, and the first save's would be exported
         _FLOAT_COPIES[quanter] = copy.deepcopy(quanter._model)
     model.train() if was_training else model.eval()
     return model
+
+
+def conv_bn_pairs(model) -> list[list[str]]:
+    """Names of (Conv2D, BatchNorm2D) siblings registered one after the other with matching channels."""
+    nn = paddle().nn
+    pairs = []
+    for parent_name, parent in [("", model), *model.named_sublayers()]:
+        children = list(parent.named_children())
+        for (n1, a), (n2, b) in zip(children, children[1:]):
+            if isinstance(a, nn.Conv2D) and isinstance(b, nn.BatchNorm2D) and \
+                    a._out_channels == b._num_features:
+                prefix = f"{parent_name}." if parent_name else ""
+                pairs.append([prefix + n1, prefix + n2])
+    return pairs
+
+
+def fuse_conv_bn(model, example=None) -> list[list[str]]:
+    """Fold BatchNorm2D into the Conv2D before it, in place (eval statistics); returns the fused pairs.
+
+    Raises ``StageError`` if ``example`` is given and the folded model's eval outputs moved.
+    """
+    paddle()
+    from paddle.quantization.imperative import fuse_utils
+
+    from .exporters import eager_outputs
+
+    pairs = conv_bn_pairs(model)
+    if not pairs:
+        return pairs
+    was_training = model.training
+    model.eval()
+    before = eager_outputs(model, example) if example is not None else None
+    fuse_utils.fuse_layers(model, pairs, inplace=True)
+    if before is not None:
+        after = eager_outputs(model, example)
+        diff = max(float(abs(a - b).max()) for a, b in zip(after, before))
+        scale = max(float(abs(b).max()) for b in before)
+        if diff > 1e-3 * (1.0 + scale):
+            raise StageError(f"fuse_conv_bn changed the model's outputs (max abs diff {diff:.4g}): the "
+                             f"Conv2D/BatchNorm2D pairs {pairs} guessed from registration order are not "
+                             "all used as conv -> bn; set fuse_conv_bn: false")
+    if was_training:
+        model.train()
+    return pairs
+
+
+def calibrate(model, batches) -> int:
+    """Run training-mode forwards (no gradients) so the activation scales settle; BatchNorm stays frozen.
+
+    Returns the number of batches run. Useful before exporting a quantized model that was not finetuned.
+    """
+    p = paddle()
+    nn = p.nn
+    was_training = model.training
+    model.train()
+    for layer in model.sublayers():
+        if isinstance(layer, (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D, nn.SyncBatchNorm)):
+            layer.eval()
+    n = 0
+    with p.no_grad():
+        for batch in batches:
+            model(batch if isinstance(batch, p.Tensor) else p.to_tensor(batch))
+            n += 1
+    model.train() if was_training else model.eval()
+    return n
 
 
 def save_quantized(model, quanter, path_prefix, input_spec) -> None:
@@ -167,9 +239,9 @@ def save_quantized(model, quanter, path_prefix, input_spec) -> None:
     """
     p = paddle()
     ensure_dynamic_mode()
-    if uses_pact(quanter):
+    if has_preprocess(quanter):
         if quanter not in _FLOAT_COPIES:
-            raise RuntimeError("a PACT model must be quantized with slimrecipe.qat.quantize() to be saved")
+            raise StageError("a PACT model must be quantized with slimrecipe.qat.quantize() to be saved")
         quanter._model = copy.deepcopy(_FLOAT_COPIES[quanter])
         to_save = model  # PaddleSlim only reads its state_dict
     else:

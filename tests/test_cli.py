@@ -51,3 +51,24 @@ def test_schema_command_prints_the_assembled_schema(run_cli):
 def test_missing_team_recipe_dir_is_a_recipe_error(tmp_path, run_cli):
     out = run_cli("validate", "+recipe=cls_prune", env={"SLIMRECIPE_RECIPE_PATH": str(tmp_path / "absent")})
     assert out.returncode == 2 and "SLIMRECIPE_RECIPE_PATH" in out.stderr
+
+
+def test_sweep_gives_each_job_its_own_directory(tmp_path, run_cli):
+    out = run_cli("-m", "+recipe=cls_prune", "+profile=smoke", "stages=[evaluate]", "seed=1,2",
+                  f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seeds = sorted(json.loads((tmp_path / "sweep" / str(i) / "snapshot.json").read_text())["seed"] for i in (0, 1))
+    assert seeds == [1, 2]
+    assert (tmp_path / "sweep" / "0" / ".hydra" / "config.yaml").is_file()
+
+
+def test_resume_command_finishes_a_run(tmp_path, run_cli):
+    run_dir = tmp_path / "run"
+    first = run_cli("+recipe=cls_prune", "+profile=smoke", "stages=[evaluate,report]", f"hydra.run.dir={run_dir}",
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir / "stages" / "2-report" / "result.json").unlink()  # as if it had been interrupted there
+    (run_dir / "report.md").unlink()
+    again = run_cli("resume", str(run_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "done earlier, skipped" in again.stdout and (run_dir / "report.md").is_file()

@@ -52,12 +52,12 @@ def export(state, params: dict) -> dict:
         target_params = target_params or {}
         dyn = bool(params.get("dynamic_hw", False))
         res = plugin.obj(target_params, ExportContext(model, state.input_shape, dyn, sample,
-                                                      state.run_dir / "export" / name, state.quanter))
+                                                      state.run_dir / "export", state.quanter))
         entry = {"compressed": res.to_json()}
         runners = {"compressed": res.runner}
         if baseline is not None:
             base = plugin.obj(target_params, ExportContext(baseline, state.input_shape, dyn, sample,
-                                                           state.run_dir / "export" / "baseline" / name, None))
+                                                           state.run_dir / "export" / "baseline", None))
             entry["baseline"] = base.to_json()
             runners = {"baseline": base.runner, "compressed": res.runner}
         timing = interleaved_latency(runners, lat_x, repeats=int(lat.get("repeats", 50)),

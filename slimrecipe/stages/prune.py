@@ -57,7 +57,8 @@ def prune(state, params: dict) -> dict:
     elif "flops" in target:
         ratios, achieved = ratios_for_flops_target(
             model, shape, {k: table[k] for k in kept if k in table}, target["flops"],
-            tolerance=params.get("tolerance", 0.01), criterion=criterion, align=align)
+            tolerance=params.get("tolerance", 0.01), criterion=criterion, align=align,
+            min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
     else:
         names = {p["name"] for p in prunable}
         unknown = [k for k in target["ratios"] if k not in names]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..batching import Subset
-from ..errors import RecipeError
 from ..fileio import read_json, sha256_file, sha256_json, write_json
 from ..registry import register
 
@@ -58,16 +57,18 @@ def sensitivity(state, params: dict) -> dict:
         from ..pruning import load_sensitivity_file
 
         path = Path(params["file"]).expanduser()
-        table = load_sensitivity_file(path, recipe_path="sensitivity.file")
+        table = load_sensitivity_file(path, recipe_path="sensitivity.file", prunable=_prunable(state))
         doc = {"source": "file", "table": _str_keys(table),
                "computed_on": {"file": str(path), "file_sha256": sha256_file(path)}}
         state.inputs["sensitivity.file"] = str(path)
     else:
         path = BUILTIN_DIR / f"{params['builtin']}.json"
+        from ..pruning import resolve_table
+
         doc = read_json(path)
         doc["source"] = f"builtin:{params['builtin']}"
+        doc["table"] = resolve_table(_prunable(state), doc["table"], "sensitivity.builtin")
         state.inputs["sensitivity.builtin"] = str(path)
-    _check_covers_model(state, doc["table"], source)
     out = state.run_dir / "sensitivity.json"
     write_json(out, doc)
     plot = None
@@ -123,17 +124,10 @@ def _ratio_key(r) -> str:
     return f"{float(r):.6g}"
 
 
-def _check_covers_model(state, table: dict, source: str) -> None:
+def _prunable(state) -> list[dict]:
     from ..pruning import prunable_params
 
-    names = {p["name"] for p in prunable_params(state.model, state.input_shape)}
-    unknown = sorted(set(table) - names)
-    if unknown:
-        raise RecipeError(
-            f"the {source} sensitivity table names parameters this model does not have: {unknown[:5]}"
-            f"{' ...' if len(unknown) > 5 else ''}; the model's prunable parameters start {sorted(names)[:5]}",
-            path=f"sensitivity.{'file' if source == 'file' else source}",
-        )
+    return prunable_params(state.model, state.input_shape)
 
 
 def plot_sensitivity(table: dict, path: Path, title: str = "") -> Path | None:
