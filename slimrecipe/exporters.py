@@ -190,10 +190,35 @@ def check_parity(target: str, reference: list[np.ndarray], got: list[np.ndarray]
     return parity
 
 
+def forget_stale_trace_records() -> int:
+    """Drop dy2static's leftover parameter records; returns how many programs' records were dropped.
+
+    Paddle 2.6 records the parameters a traced program uses in a process-wide dict keyed by ``id(program)``
+    and pops them when the trace ends. PaddleSlim's graph tracing (``dygraph_flops``, building a pruner)
+    adds records that are never popped; when a later ``paddle.jit.save`` builds a Program that happens to
+    reuse a dead program's id, it inherits that program's parameters and fails with ``KeyError:
+    '<param>_deepcopy_N'`` -- now and then, depending on memory reuse. Call only outside a trace.
+    """
+    paddle()
+    try:
+        from paddle.jit.dy2static.program_translator import ProgramTranslator
+    except ImportError:
+        return 0
+    translator = ProgramTranslator.get_instance()
+    dropped = 0
+    for recorder in (getattr(translator, "_params_recorder", None), getattr(translator, "_inplace_map", None)):
+        records = getattr(recorder, "params_dict", None)
+        if isinstance(records, dict):
+            dropped += len(records)
+            records.clear()
+    return dropped
+
+
 def _save_paddle(ctx: ExportContext, prefix: Path) -> None:
     """Paddle inference files at ``prefix``.pdmodel/.pdiparams; quantized models through the quanter."""
     p = paddle()
     ensure_dynamic_mode()
+    forget_stale_trace_records()
     if ctx.quanter is not None:
         from .qat import save_quantized
 

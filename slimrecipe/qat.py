@@ -237,8 +237,11 @@ def save_quantized(model, quanter, path_prefix, input_spec) -> None:
 
     Writes ``<path_prefix>.pdmodel`` / ``.pdiparams``, and always returns to dynamic mode (STACK.md trap 3).
     """
+    from .exporters import forget_stale_trace_records
+
     p = paddle()
     ensure_dynamic_mode()
+    forget_stale_trace_records()
     if has_preprocess(quanter):
         if quanter not in _FLOAT_COPIES:
             raise StageError("a PACT model must be quantized with slimrecipe.qat.quantize() to be saved")

@@ -15,6 +15,7 @@ from slimrecipe.exporters import (
     ExportContext,
     export_onnx,
     export_paddle_inference,
+    forget_stale_trace_records,
     interleaved_latency,
     onnx_op_counts,
 )
@@ -167,6 +168,21 @@ def test_onnx_op_counts_sees_the_graph(float_exports):
     _, results = float_exports
     counts = onnx_op_counts(results["onnx"].path / "model.onnx")
     assert counts.get("Conv") == 2 and "QuantizeLinear" not in counts
+
+
+def test_stale_trace_records_left_by_paddleslim_are_dropped_before_saving(tmp_path):
+    # PaddleSlim's FLOPs count traces the model and never pops dy2static's parameter record; a later save whose
+    # Program reuses that id would inherit the stale parameters (a KeyError seen now and then in a full run)
+    from paddle.jit.dy2static.program_translator import ProgramTranslator
+    from slimrecipe.paddle_env import paddleslim
+
+    records = ProgramTranslator.get_instance()._params_recorder.params_dict
+    model = _tiny_model()
+    paddleslim().analysis.dygraph_flops(model, [1, *SHAPE])
+    assert records
+    assert export_paddle_inference({}, _ctx(model, tmp_path)).parity["ok"]
+    assert not records
+    assert forget_stale_trace_records() == 0
 
 
 def test_interleaved_latency_reports_medians_and_ratio():
