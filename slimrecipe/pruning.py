@@ -1104,7 +1104,26 @@ def apply_plan(model, input_shape, plan: dict):
             raise
         raise StageError(f"PaddleSlim could not apply the plan ({type(e).__name__}: {e})") from e
     _drop_backups(model)
+    _sync_layer_attributes(model)
     return model
+
+
+def _sync_layer_attributes(model) -> None:
+    """Make layers' channel attributes match their pruned weights.
+
+    PaddleSlim prunes tensors but leaves `_out_channels`, `_in_channels` and `_num_features` as they were;
+    code that rebuilds a layer from them (Paddle's conv-bn fusion) would build the unpruned shape.
+    """
+    nn = paddle().nn
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, (nn.Conv2D, nn.Conv1D, nn.Conv3D)) and getattr(layer, "weight", None) is not None:
+            layer._out_channels = layer.weight.shape[0]
+            layer._in_channels = layer.weight.shape[1] * layer._groups
+        elif isinstance(layer, (nn.Conv2DTranspose,)) and getattr(layer, "weight", None) is not None:
+            layer._in_channels = layer.weight.shape[0]
+            layer._out_channels = layer.weight.shape[1] * layer._groups
+        elif isinstance(layer, (nn.BatchNorm2D, nn.BatchNorm1D, nn.BatchNorm)) and getattr(layer, "weight", None) is not None:
+            layer._num_features = layer.weight.shape[0]
 
 
 def pruned_state_dict(model) -> dict:
