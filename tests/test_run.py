@@ -136,3 +136,58 @@ def test_run_dir_of_another_recipe_is_never_overwritten(tmp_path):
     execute(validate(compose(TINY + ["stages=[evaluate]"])), run_dir)
     with pytest.raises(RecipeError, match="different recipe"):
         execute(validate(compose(TINY + ["stages=[evaluate]", "seed=5"])), run_dir)
+
+
+def test_sensitivity_from_a_file_skips_the_analysis(tiny_run, tmp_path):
+    _, run_dir = tiny_run
+    table_file = tmp_path / "shared_table.json"
+    table_file.write_text((run_dir / "sensitivity.json").read_text())
+    recipe = validate(compose(TINY + ["stages=[train,sensitivity,prune]", "sensitivity.source=file",
+                                      f"sensitivity.file={table_file}"]))
+    state = execute(recipe, tmp_path / "from_file")
+    assert state.results["sensitivity"]["evaluations"] == 0
+    written = json.loads((tmp_path / "from_file" / "sensitivity.json").read_text())
+    assert written["computed_on"]["file_sha256"] == sha256_file(table_file)
+    assert written["table"] == json.loads(table_file.read_text())["table"]
+    snap = json.loads((tmp_path / "from_file" / "snapshot.json").read_text())
+    assert snap["inputs"]["sensitivity.file"]["sha256"] == sha256_file(table_file)
+
+
+def test_a_malicious_sensitivity_pickle_stops_the_run_and_creates_nothing(tmp_path):
+    import os
+    import pickle
+
+    from slimrecipe.errors import RecipeError
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "sens.pickle"
+    bad.write_bytes(pickle.dumps({"0.weight": {0.1: Evil()}}))
+    recipe = validate(compose(TINY + ["stages=[train,sensitivity]", "sensitivity.source=file",
+                                      f"sensitivity.file={bad}"]))
+    with pytest.raises(RecipeError) as info:
+        execute(recipe, tmp_path / "run")
+    assert info.value.problems[0].path == "sensitivity.file" and "system" in str(info.value)
+    assert not marker.exists()
+
+
+def test_builtin_table_fits_the_model_it_was_made_for():
+    from slimrecipe.fileio import read_json
+    from slimrecipe.models.vision import paddle_vision
+    from slimrecipe.pruning import prunable_params, resolve_table
+    from slimrecipe.stages.sensitivity import BUILTIN_DIR
+
+    recipe = validate(compose(["+recipe=cls_prune", "sensitivity=builtin"]))
+    assert recipe["sensitivity"]["source"] == "builtin"
+
+    class Data:
+        input_shape, num_classes = [3, 32, 32], 10
+
+    model = paddle_vision({"arch": "resnet18"}, Data())
+    table = read_json(BUILTIN_DIR / f"{recipe['sensitivity']['builtin']}.json")["table"]
+    resolved = resolve_table(prunable_params(model, [3, 32, 32]), table, "sensitivity.builtin")
+    assert len(resolved) == len(table) > 5
