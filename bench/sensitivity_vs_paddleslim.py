@@ -57,8 +57,9 @@ def main() -> None:
     sen_file = work / "paddleslim.pickle"
     pruner.sensitive(eval_func=eval_full, sen_file=str(sen_file))
     t_slim, n_slim = time.perf_counter() - t0, counter["n"]
+    # PaddleSlim keys rows by internal names (model_a's, a deep copy's); read them onto structured names
+    table_slim = load_sensitivity_file(sen_file, prunable=prunable_params(model_a, shape))
     prunable = prunable_params(base_model, shape)
-    table_slim = load_sensitivity_file(sen_file, prunable=prunable)
 
     # --- slimrecipe: a fixed validation subset, a loss ceiling, checkpointed points
     model_b = copy.deepcopy(base_model)

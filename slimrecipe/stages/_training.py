@@ -89,7 +89,10 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
         saved = read_json(progress_file)
         step, history, best = saved["step"], saved["history"], saved["best"]
         model.set_state_dict(p.load(str(out_dir / "last.pdparams")))
-        opt.set_state_dict(p.load(str(out_dir / "last.pdopt")))
+        # Paddle keys optimizer moments by per-process parameter names, which a rebuilt model does not share:
+        # a resumed fit keeps its weights and learning-rate schedule and restarts the moment estimates
+        if isinstance(scheduler, p.optimizer.lr.LRScheduler) and saved.get("scheduler"):
+            scheduler.set_state_dict(saved["scheduler"])
     best_state = p.load(str(out_dir / "best.pdparams")) if (out_dir / "best.pdparams").exists() else None
 
     def evaluate_now():
@@ -133,8 +136,8 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
                 model.train()
             if step % ckpt_every == 0 and step < total:
                 _save(model.state_dict(), out_dir / "last.pdparams")
-                _save(opt.state_dict(), out_dir / "last.pdopt")
-                write_json(progress_file, {"step": step, "history": history, "best": best})
+                sched_state = scheduler.state_dict() if isinstance(scheduler, p.optimizer.lr.LRScheduler) else None
+                write_json(progress_file, {"step": step, "history": history, "best": best, "scheduler": sched_state})
         epoch += 1
     bar.close()
     final = evaluate_now()
