@@ -19,6 +19,9 @@ SCHEMA = {
                          "description": "validation images used for the parity check"},
         "dynamic_hw": {"type": "boolean", "description": "export with free height and width (detectors)"},
         "compare_baseline": {"type": "boolean", "description": "also export the unpruned baseline and time both"},
+        "float_reference": {"type": "boolean",
+                            "description": "when the model is quantized, also export and time the float pruned "
+                                           "model, so pruning's and quantization's effects show apart"},
         "latency": {
             "type": "object",
             "additionalProperties": False,
@@ -46,6 +49,7 @@ def export(state, params: dict) -> dict:
     lat = params.get("latency") or {}
     lat_x = sample[: int(lat.get("batch_size", 1))]
     baseline = state.baseline_model() if params.get("compare_baseline", True) else None
+    pruned_float = _float_pruned_model(state) if params.get("float_reference", True) and state.quanter else None
     out = {"targets": {}}
     for name, target_params in params["targets"].items():
         plugin = registry.get("exporter", name, f"export.targets.{name}")
@@ -60,6 +64,11 @@ def export(state, params: dict) -> dict:
                                                            state.run_dir / "export" / "baseline", None))
             entry["baseline"] = base.to_json()
             runners = {"baseline": base.runner, "compressed": res.runner}
+        if pruned_float is not None:
+            ref = plugin.obj(target_params, ExportContext(pruned_float, state.input_shape, dyn, sample,
+                                                          state.run_dir / "export" / "pruned_float", None))
+            entry["pruned_float"] = ref.to_json()
+            runners["pruned_float"] = ref.runner
         timing = interleaved_latency(runners, lat_x, repeats=int(lat.get("repeats", 50)),
                                      warmup=int(lat.get("warmup", 5)))
         for who in runners:
@@ -74,5 +83,17 @@ def export(state, params: dict) -> dict:
             b = entry["baseline"]
             msg += (f"; latency {b['latency']['median_ms']:.2f} ms (baseline) vs {c['latency']['median_ms']:.2f} ms, "
                     f"size {b['size_bytes'] / 2**20:.2f} MB (baseline)")
+        if pruned_float is not None:
+            msg += f"; float pruned model {entry['pruned_float']['latency']['median_ms']:.2f} ms"
         print(msg)
     return out
+
+
+def _float_pruned_model(state):
+    """The last float (not quantized) model of the run: pruned and finetuned, before QAT."""
+    for name in reversed(list(state.results)):
+        ckpt = state.results[name].get("checkpoint")
+        if ckpt and ckpt.get("quant_config") is None:
+            model, _ = state.build_model(plan=ckpt.get("plan"), weights=state.run_dir / ckpt["weights"])
+            return model
+    return None

@@ -45,16 +45,22 @@ def render_markdown(rep: dict) -> str:
                      f"{_ratio(r.get('flops_vs_baseline'))} | {_si(r.get('params'))} | {_ratio(r.get('params_vs_baseline'))} |")
     if rep["exports"]:
         lines += ["", "## Exports (baseline and compressed model, timed interleaved in one process)", "",
-                  "| target | size base | size | size vs base | latency base (ms) | latency (ms) | speed-up | parity max abs diff |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| target | model | size | size vs base | latency (ms) | speed-up vs base | parity max abs diff |",
+                  "|---|---|---|---|---|---|---|"]
         for name, e in rep["exports"].items():
-            b, c = e.get("baseline") or {}, e["compressed"]
-            lat_b, lat_c = (b.get("latency") or {}).get("median_ms"), (c.get("latency") or {}).get("median_ms")
-            lines.append(
-                f"| {name} | {_mb(b.get('size_bytes'))} | {_mb(c.get('size_bytes'))} | "
-                f"{_ratio(c['size_bytes'] / b['size_bytes'] if b.get('size_bytes') else None)} | "
-                f"{_num(lat_b)} | {_num(lat_c)} | {_x(lat_b / lat_c if lat_b and lat_c else None)} | "
-                f"{c['parity']['max_abs_diff']:.2e} |")
+            b = e.get("baseline") or {}
+            lat_b = (b.get("latency") or {}).get("median_ms")
+            for who, label in (("baseline", "baseline"), ("pruned_float", "pruned (float)"),
+                               ("compressed", "compressed")):
+                if who not in e:
+                    continue
+                x = e[who]
+                lat = (x.get("latency") or {}).get("median_ms")
+                lines.append(
+                    f"| {name} | {label} | {_mb(x.get('size_bytes'))} | "
+                    f"{_ratio(x['size_bytes'] / b['size_bytes'] if b.get('size_bytes') else None)} | "
+                    f"{_num(lat)} | {_x(lat_b / lat if lat_b and lat else None)} | "
+                    f"{x['parity']['max_abs_diff']:.2e} |")
         any_lat = next(iter(rep["exports"].values())).get("latency_setup")
         if any_lat:
             lines += ["", f"Latency: {any_lat}"]
@@ -76,8 +82,12 @@ def summary_table(rep: dict) -> str:
         b, c = e.get("baseline") or {}, e["compressed"]
         lat_b, lat_c = (b.get("latency") or {}).get("median_ms"), (c.get("latency") or {}).get("median_ms")
         if lat_b and lat_c:
-            out.append(f"export {name}: {_mb(b.get('size_bytes'))} -> {_mb(c.get('size_bytes'))}, "
-                       f"latency {lat_b:.2f} -> {lat_c:.2f} ms ({lat_b / lat_c:.2f}x)")
+            line = (f"export {name}: {_mb(b.get('size_bytes'))} -> {_mb(c.get('size_bytes'))}, "
+                    f"latency {lat_b:.2f} -> {lat_c:.2f} ms ({lat_b / lat_c:.2f}x)")
+            lat_f = ((e.get("pruned_float") or {}).get("latency") or {}).get("median_ms")
+            if lat_f:
+                line += f"; float pruned {lat_f:.2f} ms ({lat_b / lat_f:.2f}x)"
+            out.append(line)
         else:
             out.append(f"export {name}: {_mb(c.get('size_bytes'))}")
     return "\n".join(out)
