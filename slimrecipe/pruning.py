@@ -196,8 +196,18 @@ def _conv_type(op_type: str, groups, weight_shape) -> str:
 
 
 def _analyse(model, shape: list[int], criterion: str = "l1_norm", path: str = "prune.criterion"):
-    """(prunable entries, the pruner that found them, {internal name: structured name})."""
-    pruner = _new_pruner(model, shape, criterion, path)
+    """(prunable entries, the pruner that found them, {internal name: structured name}).
+
+    The graph is always traced in eval mode, so a model gives the same prunable set whether it comes fresh
+    (train mode) or trained (eval mode); branches used only in training (DB's threshold head) are left whole.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        pruner = _new_pruner(model, shape, criterion, path)
+    finally:
+        if was_training:
+            model.train()
     structured = {}
     for name, p in model.named_parameters():
         structured.setdefault(p.name, name)
@@ -381,7 +391,7 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
 
     table = state["table"]
     todo = sum(1 for e in targets for r in ratios if ratio_key(r) not in table.get(e["name"], {}))
-    bar = tqdm(total=todo, desc="sensitivity", unit="eval", disable=not progress, leave=False)
+    bar = tqdm(total=todo, desc="sensitivity", unit="eval", disable=None if progress else True, leave=False)
     try:
         if state["baseline"] is None:
             baseline = measure()

@@ -135,15 +135,16 @@ class RunState:
                 "flops": count_flops(model, self.input_shape), "params": count_params(model)}
 
     # ------------------------------------------------------------------ bookkeeping
-    def absorb(self, name: str, result: dict) -> None:
-        """Take a completed stage's result into the state (also used when resuming)."""
+    def absorb(self, name: str, result: dict, *, from_disk: bool = False) -> None:
+        """Take a completed stage's result into the state; ``from_disk`` when resuming a stage done earlier."""
         self.results[name] = result
         ckpt = result.get("checkpoint")
         if ckpt:
             self.weights = self.run_dir / ckpt["weights"]
             self.plan = ckpt.get("plan")
             self.quant_config = ckpt.get("quant_config")
-            self._model = None  # rebuilt on demand from plan + weights
+            if from_disk:
+                self._model = None  # rebuilt on demand: plan re-applied, weights loaded
         for label, path in (result.get("inputs") or {}).items():
             self.inputs[label] = path
 
@@ -178,7 +179,7 @@ def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
     for name, sdir in zip(recipe["stages"], stage_dirs(run_dir, recipe["stages"])):
         result_file = sdir / "result.json"
         if result_file.exists():
-            state.absorb(name, read_json(result_file))
+            state.absorb(name, read_json(result_file), from_disk=True)
             echo(f"[{sdir.name}] done earlier, skipped")
             continue
         plugin = registry.get("stage", name, "stages")

@@ -106,7 +106,7 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
         return value
 
     model.train()
-    bar = tqdm(total=total, initial=step, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)
     epoch = step // steps_per_epoch
     while step < total:
         done_in_epoch = step - epoch * steps_per_epoch  # > 0 only right after a resume
