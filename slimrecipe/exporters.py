@@ -192,7 +192,8 @@ def check_parity(target: str, reference: list[np.ndarray], got: list[np.ndarray]
         worst = int(np.argmax(diffs))
         raise StageError(
             f"{target} export{at} does not reproduce the in-memory model on the parity batch of "
-            f"{parity['batch']}: abs diff {max_diff:.6g} at quantile {quantile:g} (output {worst}) > tolerance {tolerance:.6g} "
+            f"{parity['batch']}: {'max abs diff' if quantile >= 1 else f'abs diff at quantile {quantile:g}'} "
+            f"{max_diff:.6g} (output {worst}) > tolerance {tolerance:.6g} "
             f"(atol {atol:g} + rtol {rtol:g} x max |reference| {max_ref:.6g})"
             + ("" if finite else "; the export produced non-finite values")
             + ("; tolerances for quantized models are atol_quantized/rtol_quantized" if quantized else ""))
