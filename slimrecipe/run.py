@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from . import registry
 from .errors import RecipeError
-from .fileio import read_json, sha256_file, write_json
+from .fileio import read_json, write_json
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 
@@ -204,7 +204,3 @@ def load_run_recipe(run_dir: Path) -> dict:
         raise RecipeError(f"{run_dir} is not a slimrecipe run directory (no {RESOLVED_RECIPE})")
     return yaml.safe_load(f.read_text(encoding="utf-8"))
 
-
-def file_hash_or_none(path) -> str | None:
-    p = Path(path)
-    return sha256_file(p) if p.is_file() else None
