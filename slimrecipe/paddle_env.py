@@ -25,7 +25,8 @@ def paddle():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"paddle\..*")
         import paddle as _p
 
-        _p.set_device("cpu") if not _p.is_compiled_with_cuda() else None
+        if not _p.is_compiled_with_cuda():
+            _p.set_device("cpu")
         _paddle = _p
     return _paddle
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 from .config import recipe_dirs
 from .errors import RecipeError
 from .fileio import read_json, sha256_file, sha256_json, sha256_tree, write_json, write_text
+from .registry import plugin_distributions
 
 KEY_PACKAGES = ("paddlepaddle", "paddlepaddle-gpu", "paddleslim", "hydra-core", "omegaconf", "numpy",
                 "jsonschema", "paddle2onnx", "onnxruntime", "slimrecipe")
@@ -57,7 +59,7 @@ def finish(state) -> None:
         inputs[label] = {"path": str(p), "sha256": sha256_file(p) if p.is_file() else None}
     inputs["dataset.manifest"] = {"sha256": sha256_json(state.data.manifest), "manifest": state.data.manifest}
     snap["inputs"] = inputs
-    snap["plugins"] = plugin_versions()
+    snap["plugins"] = plugin_distributions()
     snap["outputs"] = {k: v for k, v in sha256_tree(state.run_dir).items() if k != "snapshot.json"}
     snap["stages"] = {name: {k: v for k, v in r.items() if k in ("metric", "flops", "params", "seconds")}
                       for name, r in state.results.items()}
@@ -73,14 +75,8 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return {"python": sys.version.split()[0], "implementation": platform.python_implementation(),
-            "platform": platform.platform(), "machine": platform.machine(), "processors": _cpu_count(),
+            "platform": platform.platform(), "machine": platform.machine(), "processors": os.cpu_count(),
             "packages": versions}
-
-
-def plugin_versions() -> dict:
-    from .registry import plugin_distributions
-
-    return plugin_distributions()
 
 
 def git_state(directory: Path) -> dict:
@@ -98,8 +94,3 @@ def git_state(directory: Path) -> dict:
         pass
     return out
 
-
-def _cpu_count() -> int | None:
-    import os
-
-    return os.cpu_count()
