@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import RecipeError, StageError
+from .errors import RecipeError, StageError, UserError
 
 USAGE = """\
 usage: slimrecipe +recipe=NAME [key=value ...]       run a recipe (Hydra overrides; -m for a sweep)
@@ -15,7 +15,8 @@ usage: slimrecipe +recipe=NAME [key=value ...]       run a recipe (Hydra overrid
        slimrecipe schema                             print the assembled JSON Schema of a recipe
 
 Team recipe directories: SLIMRECIPE_RECIPE_PATH=dir1:dir2 (each holds recipe/, model/, ... groups).
-Exit codes: 0 done, 1 a stage failed, 2 a recipe mistake, 130 interrupted (resume it).
+Exit codes: 0 done, 1 a stage failed, 2 a mistake in the recipe or an input, 3 a bug in slimrecipe (traceback
+  in the run's error.log), 130 interrupted (resume it).
 Hydra's own help: slimrecipe --hydra-help
 """
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "resume":
             return _resume(argv[1:])
         return _run_hydra(argv)
-    except RecipeError as e:
+    except UserError as e:
         print(e.render(), file=sys.stderr)
         return 2
     except StageError as e:
@@ -70,7 +71,12 @@ def _recipes() -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         note = f"  (shadowed by {r['shadowed_by']})" if r["shadowed_by"] else ""
-        print(f"{r['name']:<{width}}  {r['description'][:70]:<70}  {r['source']}{note}")
+        about = f"BROKEN: {r['error']}" if r["error"] else r["description"][:70]
+        print(f"{r['name']:<{width}}  {about:<70}  {r['source']}{note}")
+    broken = [r for r in rows if r["error"]]
+    if broken:
+        print(f"{len(broken)} recipe file(s) do not parse; fix them before use", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -82,14 +88,21 @@ def _resume(args: list[str]) -> int:
 
     run_dir = Path(args[0])
     recipe = validate(load_run_recipe(run_dir))
-    state = execute(recipe, run_dir)
+    try:
+        state = execute(recipe, run_dir)
+    except (UserError, StageError, KeyboardInterrupt):
+        raise
+    except Exception:  # noqa: BLE001 -- a bug of ours: keep the traceback in the run
+        from .hydra_app import report_bug
+
+        return report_bug(run_dir)
     _print_outcome(state)
     return 0
 
 
 def _run_hydra(argv: list[str]) -> int:
     """Hand over to Hydra (run dirs, sweeps, `.hydra/`); a single run is validated before Hydra starts."""
-    from .config import load_and_validate, searchpath_override
+    from .config import expand_profiles, load_and_validate, searchpath_override
 
     if argv and argv[0] == "--hydra-help":
         argv = ["--help"]
@@ -97,7 +110,7 @@ def _run_hydra(argv: list[str]) -> int:
     hydra_flags = any(a.startswith("-") for a in argv)
     if not multirun and not hydra_flags:
         load_and_validate(argv)  # exit 2 with every problem listed, before any directory is made
-    sys.argv = [sys.argv[0] or "slimrecipe", *argv, *searchpath_override()]
+    sys.argv = [sys.argv[0] or "slimrecipe", *expand_profiles(argv), *searchpath_override()]
     from .hydra_app import hydra_entry
 
     status = {"code": 0}

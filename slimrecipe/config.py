@@ -47,21 +47,45 @@ def list_recipes() -> list[dict]:
     for root in recipe_dirs():
         for f in sorted((root / "recipe").rglob("*.yaml")):
             name = f.relative_to(root / "recipe").with_suffix("").as_posix()
+            error = None
             try:
                 doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                doc = {}
+            except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+                doc, error = {}, f"cannot read {f}: {' '.join(str(e).split())}"
             out.append({
                 "name": name,
                 "description": str(doc.get("description", "")).strip() if isinstance(doc, dict) else "",
                 "source": str(root),
                 "shadowed_by": str(seen[name]) if name in seen else None,
+                "error": error,
             })
             seen.setdefault(name, root)
     return out
 
 
 # --------------------------------------------------------------------------- composition
+
+def expand_profiles(overrides: list[str]) -> list[str]:
+    """``+profile=P`` becomes ``+profile=P/R`` when recipe R has its own version of profile P.
+
+    A profile such as ``smoke`` means the same thing for every recipe (its tiny version) but has to set
+    recipe-specific keys, so each recipe keeps its version at ``profile/P/R.yaml``; a user types one name.
+    """
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("recipe=")), None)
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "profile" and recipe and value and "," not in value and "/" not in value:
+            groups = [root / "profile" / value for root in recipe_dirs()]
+            if any(g.is_dir() for g in groups):
+                if not any((g / f"{recipe}.yaml").is_file() for g in groups):
+                    have = sorted({f.stem for g in groups if g.is_dir() for f in g.glob("*.yaml")})
+                    raise RecipeError(f"profile {value!r} has no version for recipe {recipe!r} "
+                                      f"(it has: {', '.join(have) or 'none'})", path="profile")
+                o = f"{key}={value}/{recipe}"
+        out.append(o)
+    return out
+
 
 def compose(overrides: list[str]) -> dict:
     """Compose `config.yaml` + overrides, resolve every interpolation, return a plain dict (no `hydra` key)."""
@@ -74,7 +98,7 @@ def compose(overrides: list[str]) -> dict:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides) + searchpath_override())
+            cfg = hydra_compose("config", overrides=expand_profiles(list(overrides)) + searchpath_override())
     except (HydraException, OmegaConfBaseException) as e:
         raise RecipeError(_hydra_problem(e)) from None
     finally:
@@ -151,6 +175,34 @@ def _stage_section_schema(plugin, regs) -> dict:
 
 def _strip_type(schema: dict) -> dict:
     return {k: v for k, v in schema.items() if k != "type"}
+
+
+# --------------------------------------------------------------------------- defaults
+
+def apply_defaults(schema: dict, params: dict | None) -> dict:
+    """``params`` with every key its schema gives a ``default`` for filled in, nested objects included.
+
+    The schema is the one place a default lives: stage and plugin code read filled-in params and keep no
+    defaults of their own.
+    """
+    out = copy.deepcopy(params) if isinstance(params, dict) else {}
+    for key, sub in (schema.get("properties") or {}).items():
+        if not isinstance(sub, dict):
+            continue
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if isinstance(out.get(key), dict) and sub.get("properties"):
+            out[key] = apply_defaults(sub, out[key])
+        elif key not in out and sub.get("properties") and _is_object_schema(sub):
+            filled = apply_defaults(sub, {})
+            if filled:
+                out[key] = filled
+    return out
+
+
+def _is_object_schema(schema: dict) -> bool:
+    t = schema.get("type")
+    return t == "object" or (isinstance(t, list) and "object" in t and "null" not in t)
 
 
 # --------------------------------------------------------------------------- validation

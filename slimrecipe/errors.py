@@ -1,4 +1,8 @@
-"""The one error type for recipe mistakes: each problem names the recipe path at fault."""
+"""User mistakes (a recipe, an input file, a missing install) and the one error type for recipe mistakes.
+
+A :class:`UserError` is shortened to its message (exit 2, no traceback): the user can fix it. Anything else
+that escapes is a bug of ours and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,18 @@ class Problem:
         return f"{self.path or '<recipe>'}: {self.message}"
 
 
-class RecipeError(Exception):
+class UserError(Exception):
+    """Something the user can fix; the command prints the message and exits 2."""
+
+    def render(self) -> str:
+        return str(self)
+
+
+class MissingDependency(UserError):
+    """A package the recipe needs is not installed; the message says which extra installs it."""
+
+
+class RecipeError(UserError):
     """A recipe is wrong. Carries every problem found, not only the first."""
 
     def __init__(self, problems: list[Problem] | Problem | str, path: str = ""):

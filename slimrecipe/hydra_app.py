@@ -9,7 +9,30 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import RECIPES_DIR
-from .errors import RecipeError, StageError
+from .errors import StageError, UserError
+
+
+BUG_EXIT_CODE = 3
+ERROR_LOG = "error.log"
+
+
+def report_bug(run_dir) -> int:
+    """Print the traceback of the exception being handled and keep it in the run's error.log."""
+    import traceback
+    from pathlib import Path
+
+    text = traceback.format_exc()
+    log = Path(run_dir) / ERROR_LOG
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(text, encoding="utf-8")
+        where = f"; the traceback is kept in {log}"
+    except OSError:
+        where = ""
+    print(text, file=sys.stderr)
+    print(f"internal error: this is a bug in slimrecipe, not a mistake in the recipe{where}. "
+          f"`slimrecipe resume {run_dir}` continues once it is fixed.", file=sys.stderr)
+    return BUG_EXIT_CODE
 
 
 def hydra_entry(status: dict) -> None:
@@ -26,7 +49,7 @@ def hydra_entry(status: dict) -> None:
             recipe = validate(resolve(cfg))
             state = execute(recipe, run_dir)
             _print_outcome(state)
-        except RecipeError as e:
+        except UserError as e:
             print(e.render(), file=sys.stderr)
             status["code"] = 2
             raise SystemExit(2)
@@ -38,5 +61,8 @@ def hydra_entry(status: dict) -> None:
             print(f"\ninterrupted: `slimrecipe resume {run_dir}` continues where it stopped", file=sys.stderr)
             status["code"] = 130
             raise SystemExit(130)
+        except Exception:  # noqa: BLE001 -- a bug of ours: keep the whole traceback, on screen and in the run
+            status["code"] = report_bug(run_dir)
+            raise SystemExit(status["code"])
 
     task()

@@ -23,7 +23,16 @@ def paddle():
         os.environ.setdefault("GLOG_minloglevel", "2")
         warnings.filterwarnings("ignore", message=".*Setuptools is replacing distutils.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"paddle\..*")
-        import paddle as _p
+        try:
+            import paddle as _p
+        except ModuleNotFoundError as e:
+            if e.name != "paddle":
+                raise
+            from .errors import MissingDependency
+
+            raise MissingDependency(
+                "PaddlePaddle is not installed. Install slimrecipe with a Paddle build: "
+                "pip install 'slimrecipe[cpu]' (CPU) or 'slimrecipe[gpu]' (CUDA); see the README") from None
 
         if not _p.is_compiled_with_cuda():
             _p.set_device("cpu")
@@ -36,7 +45,15 @@ def paddleslim():
     if _slim is None:
         paddle()
         warnings.filterwarnings("ignore", message=".*distutils.*")
-        import paddleslim as _s
+        try:
+            import paddleslim as _s
+        except ModuleNotFoundError as e:
+            if e.name != "paddleslim":
+                raise
+            from .errors import MissingDependency
+
+            raise MissingDependency("PaddleSlim is not installed; it is an optional backend for Paddle 2.6 only: "
+                                    "pip install 'slimrecipe[paddleslim]'") from None
 
         _slim = _s
     quiet_paddleslim_loggers()

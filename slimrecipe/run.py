@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from . import registry
-from .errors import RecipeError
+from .errors import RecipeError, StageError
 from .fileio import read_json, write_json
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
@@ -75,10 +75,34 @@ class RunState:
             quanter = make_quanter(quant_config)
             quantize(model, quanter)
         if weights:
-            state = paddle().load(str(weights))
-            _load_exact(model, state, weights)
+            try:
+                _load_exact(model, self._read_weights(weights), weights)
+            except StageError as e:
+                if self._is_recipe_weights(weights):
+                    raise RecipeError(str(e), path="model.weights") from None
+                raise
         model.eval()
         return model, quanter
+
+    def _read_weights(self, weights: Path) -> dict:
+        """A weights file as a state dict; the recipe's own ``model.weights`` failing to read is a recipe error."""
+        from .errors import RecipeError, StageError
+        from .paddle_env import paddle
+
+        try:
+            state = paddle().load(str(weights))
+            if not isinstance(state, dict):
+                raise ValueError(f"it holds a {type(state).__name__}, not a dict of named tensors")
+            return state
+        except Exception as e:  # noqa: BLE001 -- paddle.load raises anything from ValueError to UnpicklingError
+            detail = str(e).splitlines()[0] if str(e) else ""
+            message = f"cannot read weights file {weights} ({type(e).__name__}: {detail})"
+            if self._is_recipe_weights(weights):
+                raise RecipeError(message, path="model.weights") from None
+            raise StageError(message) from e
+
+    def _is_recipe_weights(self, weights: Path) -> bool:
+        return Path(weights) == _opt_path(self.recipe["model"].get("weights"))
 
     @property
     def model(self):
@@ -155,7 +179,7 @@ def _load_exact(model, state: dict, source) -> None:
     bad = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own
            if k in state and list(state[k].shape) != list(own[k].shape)]
     if missing or bad:
-        raise RuntimeError(f"weights {source} do not fit the model: missing {missing[:5]} mismatched {bad[:5]}")
+        raise StageError(f"weights {source} do not fit the model: missing {missing[:5]} mismatched {bad[:5]}")
     model.set_state_dict({k: state[k] for k in own})
 
 
@@ -170,6 +194,7 @@ def stage_dirs(run_dir: Path, stages: list[str]) -> list[Path]:
 def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
     """Run (or resume) every stage of a validated recipe in ``run_dir``."""
     from . import snapshot
+    from .config import apply_defaults
     from .paddle_env import seed_everything
 
     run_dir = Path(run_dir)
@@ -187,7 +212,7 @@ def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
         state.stage_dir = sdir
         echo(f"[{sdir.name}] running")
         t0 = time.perf_counter()
-        result = plugin.obj(state, recipe.get(name) or {}) or {}
+        result = plugin.obj(state, apply_defaults(plugin.schema, recipe.get(name))) or {}
         result["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(result_file, result)
         state.absorb(name, result)

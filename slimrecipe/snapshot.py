@@ -83,14 +83,20 @@ def git_state(directory: Path) -> dict:
     """Commit and dirty state of a recipe directory, when it is inside a git checkout."""
     out = {"path": str(directory), "git": None}
     try:
+        inside = subprocess.run(["git", "-C", str(directory), "rev-parse", "--is-inside-work-tree"],
+                                capture_output=True, text=True, timeout=10)
+        if inside.returncode != 0 and "not a git repository" in inside.stderr:
+            return out  # null means exactly this: not a checkout
         commit = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
-        if commit.returncode != 0:
-            return out
         status = subprocess.run(["git", "-C", str(directory), "status", "--porcelain", "--", "."],
                                 capture_output=True, text=True, timeout=10)
-        out["git"] = {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        pass
+        failed = next((r for r in (inside, commit, status) if r.returncode != 0), None)
+        if failed is not None:
+            out["git"] = {"error": f"`{' '.join(failed.args)}` failed: {failed.stderr.strip()[:300]}"}
+        else:
+            out["git"] = {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError) as e:
+        out["git"] = {"error": f"git could not be run: {e}"}
     return out
 

@@ -34,3 +34,18 @@ def _run_cli(*args, cwd=None, env=None, timeout=600):
 def run_cli():
     """Run the `slimrecipe` command in a subprocess, as a user would."""
     return _run_cli
+
+
+@pytest.fixture
+def compose_recipe():
+    """Compose and validate a shipped recipe with overrides, as the command would: ``compose_recipe(name, *o)``."""
+    from slimrecipe.config import compose, validate
+
+    def _compose(name: str, *overrides: str, check_files: bool = True) -> dict:
+        return validate(compose([f"+recipe={name}", *overrides]), check_files=check_files)
+
+    return _compose
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end recipe run (minutes); deselect with -m 'not slow'")

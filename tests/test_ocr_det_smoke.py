@@ -13,7 +13,7 @@ from slimrecipe.run import execute
 
 @pytest.fixture(scope="module")
 def det_run(tmp_path_factory):
-    recipe = validate(compose(["+recipe=ocr_det_prune", "+profile=det_smoke"]))
+    recipe = validate(compose(["+recipe=ocr_det_prune", "+profile=smoke"]))
     run_dir = tmp_path_factory.mktemp("det") / "run"
     return execute(recipe, run_dir), run_dir
 

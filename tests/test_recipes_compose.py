@@ -21,12 +21,27 @@ def test_every_shipped_recipe_composes_and_validates(name):
     assert "hydra" not in recipe
 
 
-SMOKE_PROFILES = {"cls_prune": "smoke", "ocr_det_prune": "det_smoke"}
-
-
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_recipe_has_a_smoke_profile_that_validates(name):
-    validate(compose([f"+recipe={name}", f"+profile={SMOKE_PROFILES[name]}"]))
+def test_every_listed_recipe_has_a_smoke_profile_that_validates(name, run_cli):
+    # through the command, as a user types it: one profile name for every recipe
+    out = run_cli("validate", f"+recipe={name}", "+profile=smoke")
+    assert out.returncode == 0, out.stderr
+    assert f"recipe {name!r} is valid" in out.stdout
+
+
+def test_smoke_profile_changes_the_recipe(compose_recipe):
+    full, smoke = compose_recipe("ocr_det_prune"), compose_recipe("ocr_det_prune", "+profile=smoke")
+    assert smoke["train"]["batch_size"] < full["train"]["batch_size"]
+
+
+def test_a_profile_missing_for_a_recipe_is_named(tmp_path, monkeypatch):
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "team_only.yaml").write_text("# @package _global_\nname: team_only\n")
+    monkeypatch.setenv("SLIMRECIPE_RECIPE_PATH", str(tmp_path))
+    with pytest.raises(RecipeError) as info:
+        compose(["+recipe=team_only", "+profile=smoke"])
+    assert info.value.problems[0].path == "profile"
+    assert "no version for recipe 'team_only'" in str(info.value) and "cls_prune" in str(info.value)
 
 
 def problems_of(overrides: list[str]) -> dict[str, str]:

@@ -107,11 +107,16 @@ def format_paddleocr_det_line(rel_path: str, texts: list[str], polys: list[np.nd
     return f"{rel_path}\t{json.dumps(annotations, ensure_ascii=False)}"
 
 
-def load_image_bgr(path: Path) -> np.ndarray:
+def load_image_bgr(path: Path, recipe_key: str = "dataset.params.data_dir") -> np.ndarray:
+    """An image as BGR uint8; a file that is missing or not a decodable image is a RecipeError naming it."""
     # np.fromfile + imdecode: cv2.imread cannot open non-ASCII paths on every platform
-    image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        raw = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise RecipeError(f"cannot read image {path}: {e.strerror or e}", path=recipe_key) from None
+    image = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
     if image is None:
-        raise ValueError(f"cannot decode image {path}")
+        raise RecipeError(f"cannot decode image {path}: the file is damaged or not an image", path=recipe_key)
     return image
 
 
@@ -121,10 +126,12 @@ def load_image_bgr(path: Path) -> np.ndarray:
 class DetTrainSet:
     """Training split: a fresh random crop each time an item is read, reproducible from (seed, index, n-th read)."""
 
-    def __init__(self, records: list[DetRecord], config: DBTransformConfig, seed: int):
+    def __init__(self, records: list[DetRecord], config: DBTransformConfig, seed: int,
+                 recipe_key: str = "dataset.params.train_label_file"):
         self.records = records
         self.config = config
         self.seed = seed
+        self.recipe_key = recipe_key
         self._reads = np.zeros(len(records), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -135,15 +142,17 @@ class DetTrainSet:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, index, int(self._reads[index])])
         self._reads[index] += 1
-        return make_train_sample(load_image_bgr(record.image_path), record.polys, record.ignore, self.config, rng)
+        return make_train_sample(load_image_bgr(record.image_path, self.recipe_key), record.polys, record.ignore, self.config, rng)
 
 
 class DetEvalSet:
     """Evaluation split: (image CHW float32, shape_info, polygons, ignore), see the module docstring."""
 
-    def __init__(self, records: list[DetRecord], config: DBTransformConfig):
+    def __init__(self, records: list[DetRecord], config: DBTransformConfig,
+                 recipe_key: str = "dataset.params.val_label_file"):
         self.records = records
         self.config = config
+        self.recipe_key = recipe_key
 
     def __len__(self) -> int:
         return len(self.records)
@@ -151,7 +160,7 @@ class DetEvalSet:
     def __getitem__(self, index: int):
         record = self.records[range(len(self.records))[index]]
         image, shape_info = make_eval_input(
-            load_image_bgr(record.image_path), self.config.eval_limit_side_len, self.config.eval_limit_type
+            load_image_bgr(record.image_path, self.recipe_key), self.config.eval_limit_side_len, self.config.eval_limit_type
         )
         return image, shape_info, [p.copy() for p in record.polys], record.ignore.copy()
 

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import Problem, RecipeError, StageError
-from .paddle_env import ensure_dynamic_mode, paddle, paddleslim
+from ..errors import Problem, RecipeError, StageError
+from ..paddle_env import ensure_dynamic_mode, paddle, paddleslim
 
 _log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _fingerprint(model) -> str:
 
 def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *, ratios, criterion: str = "l1_norm",
                         params=None, loss_ceiling: float | None = None, checkpoint_path=None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, higher_is_better: bool = True) -> dict:
     """Relative metric loss when each prunable parameter alone loses each share of its filters.
 
     ``evaluate(model) -> float`` (higher is better) is called once for the baseline and once per point. Each
@@ -345,7 +345,7 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
     """
     from tqdm import tqdm
 
-    from .fileio import write_json
+    from ..fileio import write_json
 
     ratios = _check_ratios(ratios, "sensitivity.ratios")
     if criterion not in CRITERIA:
@@ -420,7 +420,8 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
                         metric = measure()
                     finally:
                         snapshot.restore()
-                    row[key] = (baseline - metric) / baseline
+                    drop = baseline - metric if higher_is_better else metric - baseline
+                    row[key] = drop / baseline
                     save()
                     bar.update(1)
                 if loss_ceiling is not None and row[key] > loss_ceiling:
@@ -455,7 +456,7 @@ def _select(prunable: list[dict], params, path: str) -> list[dict]:
 
 
 def _load_checkpoint(path: Path, criterion: str, fingerprint: str, fresh: dict) -> dict:
-    from .fileio import read_json
+    from ..fileio import read_json
 
     try:
         state = read_json(path)

@@ -14,40 +14,48 @@ OPTIMIZER_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "name": {"enum": ["adam", "adamw", "momentum", "sgd"]},
-        "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
-        "weight_decay": {"type": "number", "minimum": 0, "maximum": 1},
-        "momentum": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "momentum only"},
+        "name": {"enum": ["adam", "adamw", "momentum", "sgd"], "default": "adam"},
+        "lr": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 0.001},
+        "weight_decay": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0,
+                         "description": "L2 (adam, momentum, sgd) or decoupled (adamw) weight decay; 0: none"},
+        "momentum": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.9,
+                     "description": "momentum only"},
     },
 }
 SCHEDULE_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "name": {"enum": ["constant", "cosine", "step"]},
-        "warmup_steps": {"type": "integer", "minimum": 0},
-        "step_size": {"type": "integer", "minimum": 1, "description": "step schedule: steps between decays"},
-        "gamma": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "step schedule: decay"},
+        "name": {"enum": ["constant", "cosine", "step"], "default": "constant"},
+        "warmup_steps": {"type": "integer", "minimum": 0, "default": 0},
+        "step_size": {"type": ["integer", "null"], "minimum": 1, "default": None,
+                      "description": "step schedule: steps between decays (null: a third of the steps)"},
+        "gamma": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.1,
+                  "description": "step schedule: decay"},
     },
 }
 LOOP_PROPERTIES = {
-    "epochs": {"type": "number", "exclusiveMinimum": 0, "description": "passes over the training split"},
-    "steps": {"type": ["integer", "null"], "minimum": 1, "description": "optimizer steps; overrides epochs"},
-    "batch_size": {"type": "integer", "minimum": 1, "maximum": 4096},
+    "epochs": {"type": "number", "exclusiveMinimum": 0, "default": 1, "description": "passes over the training split"},
+    "steps": {"type": ["integer", "null"], "minimum": 1, "default": None,
+              "description": "optimizer steps; overrides epochs"},
+    "batch_size": {"type": "integer", "minimum": 1, "maximum": 4096, "default": 64},
     "optimizer": OPTIMIZER_SCHEMA,
     "schedule": SCHEDULE_SCHEMA,
-    "eval_every": {"type": "integer", "minimum": 0, "description": "evaluate every K steps (0: at the end only)"},
-    "keep_best": {"type": "boolean", "description": "end with the best evaluated weights, not the last"},
-    "eval_batch_size": {"type": "integer", "minimum": 1},
-    "checkpoint_every": {"type": "integer", "minimum": 1, "description": "steps between resumable checkpoints"},
+    "eval_every": {"type": "integer", "minimum": 0, "default": 0,
+                   "description": "evaluate every K steps (0: at the end only)"},
+    "keep_best": {"type": "boolean", "default": True,
+                  "description": "end with the best evaluated weights, not the last"},
+    "eval_batch_size": {"type": "integer", "minimum": 1, "default": 128},
+    "checkpoint_every": {"type": ["integer", "null"], "minimum": 1, "default": None,
+                         "description": "steps between resumable checkpoints (null: once per epoch)"},
 }
 DISTILL_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "enabled": {"type": "boolean"},
-        "weight": {"type": "number", "minimum": 0, "description": "weight of the distillation loss"},
-        "temperature": {"type": "number", "exclusiveMinimum": 0},
+        "enabled": {"type": "boolean", "default": False},
+        "weight": {"type": "number", "minimum": 0, "default": 1.0, "description": "weight of the distillation loss"},
+        "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 2.0},
     },
 }
 
@@ -64,21 +72,30 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
     """Train ``model`` in place; returns the history and the evaluated metrics. Resumes from ``out_dir``."""
     from tqdm import tqdm
 
+    from ..config import apply_defaults
+    from ..errors import RecipeError
+
     p = paddle()
     data = state.data
-    batch_size = int(params.get("batch_size", 64))
-    steps_per_epoch = max(1, len(data.train) // batch_size)
-    total = int(params.get("steps") or round(float(params.get("epochs", 1)) * steps_per_epoch))
-    eval_every = int(params.get("eval_every", 0))
-    ckpt_every = int(params.get("checkpoint_every", steps_per_epoch))
-    keep_best = bool(params.get("keep_best", True))
-    eval_bs = int(params.get("eval_batch_size", 128))
+    params = apply_defaults(loop_schema(), params)
+    batch_size = int(params["batch_size"])
+    if len(data.train) < batch_size:
+        # every epoch drops its last partial batch: with fewer samples than one batch no step would ever run
+        raise RecipeError(f"batch_size {batch_size} is larger than the training split ({len(data.train)} samples); "
+                          "lower it or give more training data", path=f"{desc}.batch_size")
+    steps_per_epoch = len(data.train) // batch_size
+    total = int(params["steps"] or max(1, round(float(params["epochs"]) * steps_per_epoch)))
+    eval_every = int(params["eval_every"])
+    ckpt_every = int(params["checkpoint_every"] or steps_per_epoch)
+    keep_best = bool(params["keep_best"])
+    eval_bs = int(params["eval_batch_size"])
+    better = _better(state.metric)
 
-    scheduler = _schedule(params.get("schedule") or {}, (params.get("optimizer") or {}).get("lr", 1e-3), total)
-    opt = _optimizer(params.get("optimizer") or {}, scheduler, model.parameters())
+    scheduler = _schedule(params["schedule"], params["optimizer"]["lr"], total)
+    opt = _optimizer(params["optimizer"], scheduler, model.parameters())
     loss_fn = getattr(model, "loss", None) or default_loss
-    distill = distill or {}
-    use_teacher = teacher is not None and distill.get("enabled")
+    distill = apply_defaults(DISTILL_SCHEMA, distill)
+    use_teacher = teacher is not None and distill["enabled"]
     if use_teacher:
         teacher.eval()
 
@@ -99,7 +116,7 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
         nonlocal best_state
         value = state.evaluate(model, batch_size=eval_bs)
         history.append({"step": step, "metric": value})
-        if best["metric"] is None or value > best["metric"]:
+        if best["metric"] is None or better(value, best["metric"]):
             best.update(metric=value, step=step)
             best_state = copy.deepcopy(model.state_dict())
             _save(best_state, out_dir / "best.pdparams")
@@ -121,8 +138,8 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
             if use_teacher:
                 with p.no_grad():
                     t_out = teacher(batch[0])
-                loss = loss + float(distill.get("weight", 1.0)) * distillation_loss(
-                    outputs, t_out, float(distill.get("temperature", 2.0)))
+                loss = loss + float(distill["weight"]) * distillation_loss(
+                    outputs, t_out, float(distill["temperature"]))
             loss.backward()
             opt.step()
             opt.clear_grad()
@@ -141,11 +158,19 @@ def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, d
         epoch += 1
     bar.close()
     final = evaluate_now()
-    if keep_best and best_state is not None and best["metric"] > final:
+    use_best = keep_best and best_state is not None and better(best["metric"], final)
+    if use_best:
         model.set_state_dict(best_state)
     model.eval()
     return {"steps": total, "history": history, "final_metric": final, "best": best,
-            "ended_with": "best" if keep_best and best["metric"] > final else "last"}
+            "ended_with": "best" if use_best else "last"}
+
+
+def _better(metric):
+    """``better(a, b)``: is metric value a strictly better than b, in the metric's own direction."""
+    if getattr(metric, "higher_is_better", True):
+        return lambda a, b: a > b
+    return lambda a, b: a < b
 
 
 def distillation_loss(student, teacher, temperature: float):
@@ -171,28 +196,31 @@ def _save(obj, path: Path) -> Path:
 
 def _optimizer(cfg: dict, lr, parameters):
     opt = paddle().optimizer
-    name = cfg.get("name", "adam")
-    wd = cfg.get("weight_decay", 0.0) or None
+    name, wd = cfg["name"], float(cfg["weight_decay"])
+    if name == "adamw":  # decoupled decay: AdamW's own default (0.01) would apply if it were not passed
+        return opt.AdamW(learning_rate=lr, parameters=parameters, weight_decay=wd)
+    l2 = wd or None
     if name == "adam":
-        return opt.Adam(learning_rate=lr, parameters=parameters, weight_decay=wd)
-    if name == "adamw":
-        return opt.AdamW(learning_rate=lr, parameters=parameters, weight_decay=wd or 0.01)
+        return opt.Adam(learning_rate=lr, parameters=parameters, weight_decay=l2)
     if name == "momentum":
-        return opt.Momentum(learning_rate=lr, momentum=cfg.get("momentum", 0.9), parameters=parameters,
-                            weight_decay=wd)
-    return opt.SGD(learning_rate=lr, parameters=parameters, weight_decay=wd)
+        return opt.Momentum(learning_rate=lr, momentum=cfg["momentum"], parameters=parameters, weight_decay=l2)
+    if name == "sgd":
+        return opt.SGD(learning_rate=lr, parameters=parameters, weight_decay=l2)
+    raise ValueError(f"unknown optimizer {name!r}: the schema should have refused it")
 
 
 def _schedule(cfg: dict, lr: float, total: int):
     sched = paddle().optimizer.lr
-    name = cfg.get("name", "constant")
-    warmup = int(cfg.get("warmup_steps", 0))
+    name = cfg["name"]
+    warmup = int(cfg["warmup_steps"])
     if name == "cosine":
         base = sched.CosineAnnealingDecay(lr, T_max=max(1, total - warmup))
     elif name == "step":
-        base = sched.StepDecay(lr, step_size=int(cfg.get("step_size", max(1, total // 3))), gamma=cfg.get("gamma", 0.1))
-    else:
+        base = sched.StepDecay(lr, step_size=int(cfg["step_size"] or max(1, total // 3)), gamma=cfg["gamma"])
+    elif name == "constant":
         base = lr
+    else:
+        raise ValueError(f"unknown schedule {name!r}: the schema should have refused it")
     if warmup:
         return sched.LinearWarmup(base, warmup_steps=warmup, start_lr=lr * 0.01, end_lr=lr)
     return base

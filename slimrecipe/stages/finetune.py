@@ -12,8 +12,8 @@ SCHEMA = loop_schema({"distill": DISTILL_SCHEMA})
 def finetune(state, params: dict) -> dict:
     """Finetune the current model; checkpoints let an interrupted finetune resume."""
     model = state.model
-    distill = params.get("distill") or {}
-    teacher = state.baseline_model() if distill.get("enabled") else None
+    distill = params["distill"]
+    teacher = state.baseline_model() if distill["enabled"] else None
     before = state.evaluate(model)
     fit_result = fit(state, model, params, out_dir=state.stage_dir / "checkpoint", desc="finetune",
                      teacher=teacher, distill=distill)

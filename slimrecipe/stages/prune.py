@@ -12,7 +12,8 @@ SCHEMA = {
     "additionalProperties": False,
     "required": ["target"],
     "properties": {
-        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "description": "which filters go first"},
+        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "default": "l1_norm",
+                      "description": "which filters go first"},
         "target": {
             "type": "object",
             "additionalProperties": False,
@@ -29,9 +30,9 @@ SCHEMA = {
                            "description": "explicit {parameter: ratio}"},
             },
         },
-        "tolerance": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.2,
+        "tolerance": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.2, "default": 0.01,
                       "description": "flops target: allowed distance from the target cut"},
-        "align": {"enum": [None, 1, 8, 16], "description": "keep channel counts a multiple of this"},
+        "align": {"enum": [None, 1, 8, 16], "default": None, "description": "keep channel counts a multiple of this"},
     },
 }
 
@@ -44,8 +45,8 @@ def prune(state, params: dict) -> dict:
 
     model = state.model
     shape = state.input_shape
-    criterion = params.get("criterion", "l1_norm")
-    align = params.get("align")
+    criterion = params["criterion"]
+    align = params["align"]
     target = params["target"]
     sens_file = state.run_dir / "sensitivity.json"
     table = _float_table(read_json(sens_file)["table"]) if sens_file.exists() else {}
@@ -57,7 +58,7 @@ def prune(state, params: dict) -> dict:
     elif "flops" in target:
         ratios, achieved = ratios_for_flops_target(
             model, shape, {k: table[k] for k in kept if k in table}, target["flops"],
-            tolerance=params.get("tolerance", 0.01), criterion=criterion, align=align,
+            tolerance=params["tolerance"], criterion=criterion, align=align,
             min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
     else:
         names = {p["name"] for p in prunable}

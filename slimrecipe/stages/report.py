@@ -6,7 +6,7 @@ from ..fileio import atomic_write, write_json, write_text
 from ..registry import register
 
 SCHEMA = {"type": "object", "additionalProperties": False,
-          "properties": {"plot": {"type": "boolean", "description": "draw report.png"}}}
+          "properties": {"plot": {"type": "boolean", "default": True, "description": "draw report.png"}}}
 
 # stage name -> row label, in the order a model moves through a recipe
 PHASES = (("evaluate", "baseline"), ("prune", "pruned"), ("finetune", "finetuned"), ("qat", "quantized (QAT)"))
@@ -99,7 +99,7 @@ def report(state, params: dict) -> dict:
     rep = collect(state)
     write_json(state.run_dir / "report.json", rep)
     write_text(state.run_dir / "report.md", render_markdown(rep))
-    if params.get("plot", True) and rep["phases"]:
+    if params["plot"] and rep["phases"]:
         _plot(rep, state.run_dir / "report.png")
     return {"summary_table": summary_table(rep)}
 

@@ -19,24 +19,26 @@ SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "source": {"enum": ["compute", "file", "builtin"]},
+        "source": {"enum": ["compute", "file", "builtin"], "default": "compute"},
         "ratios": {"type": "array", "minItems": 1, "uniqueItems": True,
                    "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                   "default": [0.1, 0.3, 0.5, 0.7],
                    "description": "pruning ratios tried for every parameter (compute)"},
-        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "description": "filter ranking (compute)"},
-        "subset": {"type": ["integer", "null"], "minimum": 1,
+        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "default": "l1_norm",
+                      "description": "filter ranking (compute)"},
+        "subset": {"type": ["integer", "null"], "minimum": 1, "default": None,
                    "description": "evaluate on the first N validation samples (null: all)"},
-        "loss_ceiling": {"type": ["number", "null"], "exclusiveMinimum": 0,
+        "loss_ceiling": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
                          "description": "stop raising a parameter's ratio once its loss passes this"},
-        "params": {"type": ["array", "null"], "items": {"type": "string"},
+        "params": {"type": ["array", "null"], "items": {"type": "string"}, "default": None,
                    "description": "analyse only these parameters (null: every prunable one)"},
-        "batch_size": {"type": "integer", "minimum": 1},
-        "cache": {"type": "boolean", "description": "reuse a table computed on the same inputs"},
-        "file": {"type": ["string", "null"], "x-file": True,
+        "batch_size": {"type": "integer", "minimum": 1, "default": 128},
+        "cache": {"type": "boolean", "default": True, "description": "reuse a table computed on the same inputs"},
+        "file": {"type": ["string", "null"], "x-file": True, "default": None,
                  "description": "a sensitivity file: slimrecipe JSON or a PaddleSlim pickle (source: file)"},
-        "builtin": {"type": ["string", "null"], "enum": [None, *BUILTIN_TABLES],
+        "builtin": {"type": ["string", "null"], "enum": [None, *BUILTIN_TABLES], "default": None,
                     "description": "a table shipped with slimrecipe (source: builtin)"},
-        "plot": {"type": "boolean"},
+        "plot": {"type": "boolean", "default": True},
     },
     "allOf": [
         {"if": {"properties": {"source": {"const": "file"}}, "required": ["source"]},
@@ -50,7 +52,8 @@ SCHEMA = {
 @register("stage", "sensitivity", schema=SCHEMA)
 def sensitivity(state, params: dict) -> dict:
     """Produce `sensitivity.json`: {param: {ratio: relative metric loss}} and what it was computed on."""
-    source = params.get("source", "compute")
+    source = params["source"]
+    inputs = {}
     if source == "compute":
         doc = _compute(state, params)
     elif source == "file":
@@ -60,7 +63,7 @@ def sensitivity(state, params: dict) -> dict:
         table = load_sensitivity_file(path, recipe_path="sensitivity.file", prunable=_prunable(state))
         doc = {"source": "file", "table": _str_keys(table),
                "computed_on": {"file": str(path), "file_sha256": sha256_file(path)}}
-        state.inputs["sensitivity.file"] = str(path)
+        inputs = {"sensitivity.file": str(path)}
     else:
         path = BUILTIN_DIR / f"{params['builtin']}.json"
         from ..pruning import resolve_table
@@ -68,36 +71,36 @@ def sensitivity(state, params: dict) -> dict:
         doc = read_json(path)
         doc["source"] = f"builtin:{params['builtin']}"
         doc["table"] = resolve_table(_prunable(state), doc["table"], "sensitivity.builtin")
-        state.inputs["sensitivity.builtin"] = str(path)
+        inputs = {"sensitivity.builtin": str(path)}
     out = state.run_dir / "sensitivity.json"
     write_json(out, doc)
     plot = None
-    if params.get("plot", True):
+    if params["plot"]:
         plot = plot_sensitivity(doc["table"], state.run_dir / "sensitivity.png", title=state.recipe["name"])
     n = len(doc["table"])
     print(f"  sensitivity of {n} parameters ({doc['source']}) -> {out}")
     return {"source": doc["source"], "params": n, "evaluations": doc.get("evaluations_this_run", 0),
-            "cache": doc.get("cache"), "table_path": str(out), "plot": plot and str(plot)}
+            "cache": doc.get("cache"), "table_path": str(out), "plot": plot and str(plot), "inputs": inputs}
 
 
 def _compute(state, params: dict) -> dict:
     from ..pruning import compute_sensitivity
 
-    ratios = sorted(float(r) for r in params.get("ratios", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]))
-    criterion = params.get("criterion", "l1_norm")
-    subset = Subset(state.data.val, params.get("subset"))
-    batch_size = int(params.get("batch_size", 128))
+    ratios = sorted(float(r) for r in params["ratios"])
+    criterion = params["criterion"]
+    subset = Subset(state.data.val, params["subset"])
+    batch_size = int(params["batch_size"])
     computed_on = {
         "weights_sha256": sha256_file(state.weights) if state.weights else None,
         "plan": state.plan,
         "data": sha256_json(state.data.manifest), "subset": len(subset),
         "metric": state.recipe["metric"], "criterion": criterion, "ratios": ratios,
-        "loss_ceiling": params.get("loss_ceiling"), "params": params.get("params"),
+        "loss_ceiling": params["loss_ceiling"], "params": params["params"],
     }
     key = sha256_json(computed_on)[:24]
     cache_dir = state.cache_dir / "sensitivity"
     cached = cache_dir / f"{key}.json"
-    if params.get("cache", True) and cached.exists():
+    if params["cache"] and cached.exists():
         doc = read_json(cached)
         doc.update(cache="hit", evaluations_this_run=0)
         print(f"  sensitivity reused from cache {cached}")
@@ -105,7 +108,8 @@ def _compute(state, params: dict) -> dict:
     model = state.model
     result = compute_sensitivity(
         model, state.input_shape, lambda m: state.evaluate(m, subset, batch_size),
-        ratios=ratios, criterion=criterion, params=params.get("params"), loss_ceiling=params.get("loss_ceiling"),
+        ratios=ratios, criterion=criterion, params=params["params"], loss_ceiling=params["loss_ceiling"],
+        higher_is_better=state.metric.higher_is_better,
         checkpoint_path=cache_dir / f"{key}.partial.json", progress=True,
     )
     doc = {"source": "compute", "baseline": result["baseline"], "table": _str_keys(result["table"]),

@@ -9,7 +9,7 @@ from ..registry import register
 from ._training import fit, loop_schema, save_weights
 
 SCHEMA = loop_schema({
-    "cache": {"type": "boolean", "description": "reuse a baseline trained earlier on the same inputs"},
+    "cache": {"type": "boolean", "default": True, "description": "reuse a baseline trained earlier on the same inputs"},
 })
 
 
@@ -34,7 +34,7 @@ def train(state, params: dict) -> dict:
     key = cache_key(state, params)
     cached = state.cache_dir / "baselines" / key
     weights = state.stage_dir / "model.pdparams"
-    if params.get("cache", True) and (cached / "result.json").exists():
+    if params["cache"] and (cached / "result.json").exists():
         shutil.copyfile(cached / "model.pdparams", weights)
         result = read_json(cached / "result.json")
         result.update(cache="hit", cache_key=key)
@@ -44,7 +44,7 @@ def train(state, params: dict) -> dict:
         fit_result = fit(state, model, params, out_dir=state.stage_dir / "checkpoint", desc="train")
         save_weights(model, weights)
         result = {"metric": state.evaluate(model), "fit": fit_result}
-        if params.get("cache", True):
+        if params["cache"]:
             cached.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(weights, cached / ".model.tmp")
             (cached / ".model.tmp").replace(cached / "model.pdparams")
