@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
 
 def test_validate_ok_does_not_import_paddle():
@@ -53,6 +54,7 @@ def test_missing_team_recipe_dir_is_a_recipe_error(tmp_path, run_cli):
     assert out.returncode == 2 and "SLIMRECIPE_RECIPE_PATH" in out.stderr
 
 
+@pytest.mark.slow
 def test_sweep_gives_each_job_its_own_directory(tmp_path, run_cli):
     out = run_cli("-m", "+recipe=cls_prune", "+profile=smoke", "stages=[evaluate]", "seed=1,2",
                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
@@ -62,6 +64,7 @@ def test_sweep_gives_each_job_its_own_directory(tmp_path, run_cli):
     assert (tmp_path / "sweep" / "0" / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_resume_command_finishes_a_run(tmp_path, run_cli):
     run_dir = tmp_path / "run"
     first = run_cli("+recipe=cls_prune", "+profile=smoke", "stages=[evaluate,report]", f"hydra.run.dir={run_dir}",

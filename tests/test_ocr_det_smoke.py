@@ -11,6 +11,9 @@ from slimrecipe.config import compose, validate
 from slimrecipe.run import execute
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def det_run(tmp_path_factory):
     recipe = validate(compose(["+recipe=ocr_det_prune", "+profile=smoke"]))
@@ -51,11 +54,13 @@ def test_export_finds_the_text_in_a_rendered_image(det_run, target):
     else:
         run, _ = onnx_session(out / "model.onnx")
     total = DetCounts()
-    for seed in (1001, 1002, 1003):
+    for seed in (1001, 1002, 1003, 1004, 1005, 1006):
         image, _, polys = rendered_image(seed, state.recipe)
         x, info = make_eval_input(image, state.recipe["dataset"]["params"]["eval_limit_side_len"])
         prob = run(x[None])
         assert prob.shape == (1, 1, *x.shape[1:])  # PaddleOCR's convention: the probability map
         boxes, _ = boxes_from_prob_map(prob[0, 0], int(info[0]), int(info[1]))
         total = total + match_detections(polys, [False] * len(polys), boxes)
-    assert hmean_from_counts(total)["recall"] > 0, total
+    # the smoke model is small and briefly trained, but it must find most words in images it never saw
+    figures = hmean_from_counts(total)
+    assert figures["recall"] >= 0.5 and figures["precision"] >= 0.5, (figures, total)

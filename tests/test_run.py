@@ -13,6 +13,7 @@ from slimrecipe.fileio import sha256_file
 from slimrecipe.run import execute
 
 TINY = ["+recipe=cls_prune", "+profile=smoke"]
+pytestmark = pytest.mark.slow  # the whole cls_prune recipe on its smoke profile
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,12 @@ def test_pruned_model_has_fewer_flops_and_its_exports_load_and_predict(tiny_run)
     base, pruned = state.results["evaluate"], state.results["prune"]["after"]
     assert pruned["flops"] < base["flops"]
     assert pruned["params"] < base["params"]
+    kept = pruned["params"] / base["params"]
     for target in ("paddle_inference", "onnx"):
         entry = state.results["export"]["targets"][target]
-        assert entry["compressed"]["parity"]["ok"]
-        assert entry["compressed"]["latency"]["median_ms"] > 0
-        assert entry["baseline"]["size_bytes"] > 0
+        # the float pruned export is smaller by about the share of parameters pruning removed (+ graph overhead)
+        compressed = entry.get("float_pruned") or entry["compressed"]
+        assert compressed["size_bytes"] < entry["baseline"]["size_bytes"] * kept * 1.25 + 50_000, entry
     # the Paddle Inference export reloads in a fresh predictor and classifies like the in-memory model
     import numpy as np
 
@@ -122,7 +124,7 @@ def test_interrupted_run_resumes_from_the_first_unfinished_stage(tmp_path):
         assert not (run_dir / "stages" / "2-_test_flaky" / "result.json").exists()
         state = execute(recipe, run_dir)  # what `slimrecipe resume` does
         assert calls == {"before": 1, "flaky": 2}
-        assert state.results["evaluate"]["metric"] >= 0
+        assert state.results["evaluate"]["metric"] == pytest.approx(state.evaluate(), abs=1e-6)
         assert len(json.loads((run_dir / "snapshot.json").read_text())["sessions"]) == 2
     finally:
         registry.REGISTRIES["stage"].unregister("_test_before")
@@ -151,6 +153,9 @@ def test_sensitivity_from_a_file_skips_the_analysis(tiny_run, tmp_path):
     assert written["table"] == json.loads(table_file.read_text())["table"]
     snap = json.loads((tmp_path / "from_file" / "snapshot.json").read_text())
     assert snap["inputs"]["sensitivity.file"]["sha256"] == sha256_file(table_file)
+    execute(recipe, tmp_path / "from_file")  # a resume: every stage is done, nothing re-runs
+    snap = json.loads((tmp_path / "from_file" / "snapshot.json").read_text())
+    assert snap["inputs"]["sensitivity.file"]["sha256"] == sha256_file(table_file), "lost on resume"
 
 
 def test_a_malicious_sensitivity_pickle_stops_the_run_and_creates_nothing(tmp_path):
