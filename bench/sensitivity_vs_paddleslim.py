@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 from slimrecipe.batching import Subset
 from slimrecipe.config import compose, validate
 from slimrecipe.paddle_env import paddle, paddleslim, quiet_paddleslim_loggers
@@ -95,6 +97,13 @@ def main() -> None:
     for label, pm, fm, cut in rows:
         print(f"  {label:18} {pm:8.4f} {fm:10.4f} {cut:10.1%}")
     print(f"  (unpruned baseline {base_metric:.4f})")
+    write_results("sensitivity_vs_paddleslim", {
+        "baseline_metric": base_metric,
+        "paddleslim": {"seconds": t_slim, "evaluations": n_slim, "images": n_slim * len(val)},
+        "slimrecipe": {"seconds": t_ours, "evaluations": n_ours, "images": n_ours * len(subset)},
+        "plans": [{"table": label, "pruned_metric": pm, "finetuned_metric": fm, "flops_cut": cut}
+                  for label, pm, fm, cut in rows],
+    }, {**vars(args), "grid": GRID, "val_images": len(val), "model": recipe["model"]})
 
 
 if __name__ == "__main__":

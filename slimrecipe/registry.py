@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "slimrecipe.plugins"
 BUILTIN_MODULES = (
     "slimrecipe.models.vision",
     "slimrecipe.models.db",
+    "slimrecipe.models.ppocr_det",
     "slimrecipe.datasets.digits",
     "slimrecipe.datasets.text_det",
     "slimrecipe.metrics.classification",

@@ -85,21 +85,19 @@ class RunState:
         return model, quanter
 
     def _read_weights(self, weights: Path) -> dict:
-        """A weights file as a state dict; the recipe's own ``model.weights`` failing to read is a recipe error."""
-        from .errors import RecipeError, StageError
-        from .paddle_env import paddle
+        """A weights file as a state dict, read without running any code from it (a pickle is untrusted input).
+
+        The recipe's own ``model.weights`` failing to read is a recipe error naming the file; one of the run's
+        own checkpoints failing to read is a stage error.
+        """
+        from .models.weights import load_state
 
         try:
-            state = paddle().load(str(weights))
-            if not isinstance(state, dict):
-                raise ValueError(f"it holds a {type(state).__name__}, not a dict of named tensors")
-            return state
-        except Exception as e:  # noqa: BLE001 -- paddle.load raises anything from ValueError to UnpicklingError
-            detail = str(e).splitlines()[0] if str(e) else ""
-            message = f"cannot read weights file {weights} ({type(e).__name__}: {detail})"
+            return load_state(weights)
+        except RecipeError as e:
             if self._is_recipe_weights(weights):
-                raise RecipeError(message, path="model.weights") from None
-            raise StageError(message) from e
+                raise
+            raise StageError(str(e)) from e
 
     def _is_recipe_weights(self, weights: Path) -> bool:
         return Path(weights) == _opt_path(self.recipe["model"].get("weights"))
