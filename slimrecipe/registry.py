@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "slimrecipe.models.ppocr_det",
     "slimrecipe.datasets.digits",
     "slimrecipe.datasets.text_det",
+    "slimrecipe.datasets.text_scene",
     "slimrecipe.metrics.classification",
     "slimrecipe.metrics.det",
     "slimrecipe.stages.train",
