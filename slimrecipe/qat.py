@@ -1,125 +1,107 @@
-"""PACT quantization-aware training on PaddleSlim's dygraph QAT: the recipe's `qat.config`, the quanter, saving.
+"""Quantization-aware training on ``paddle.quantization`` (Paddle 2.6 and 3.x): the recipe's `qat.config`, the
+quanters (per-channel abs-max weights, moving-average abs-max or PACT activations), conv-BN folding, saving.
 
-How PACT is switched on in PaddleSlim 2.6: ``paddleslim.QAT(config={"activation_preprocess_type": "PACT"})``
-(or, equivalently, ``QAT(config, act_preprocess=paddleslim.dygraph.quant.qat.PACT)``). Either way Paddle's
-``ImperativeQuantAware`` gets PaddleSlim's ``PACT`` layer as ``act_preprocess_layer``: every quantized
-Conv2D/Linear clips its input to ``[-alpha, alpha]`` (alpha learnable, initialised to 100, learning-rate
-multiplier 1000) before the activation fake-quant. At save time PaddleSlim strips the PACT layers by
-re-quantizing a copy of the *float* model it took inside ``quantize()`` and loading the trained weights into
-it; the activation scales learnt on clipped activations keep the clipping in the exported model.
+The quantized model is Paddle's own QAT model (``QuantedConv2D``/``QuantedLinear`` wrappers, plus our
+``QuantedConv2DTranspose``) with quanters of ours where Paddle has none:
+
+- weights: :class:`AbsMaxWeightQuanter` rounds each output channel (or the whole tensor) to ``weight_bits``
+  against its current abs-max, with a straight-through gradient;
+- activations, ``pact: true``: :class:`PACTQuanter` clips the input to ``[-alpha, alpha]`` and rounds it to
+  ``activation_bits`` with alpha as the scale. alpha is a learnable parameter: straight-through gradient for
+  the input inside the clip, PACT's gradient for alpha (+1 above alpha, -1 below -alpha, 0 inside). It starts
+  at the abs-max of the first training-mode batch it sees (so calibration or the first training step sets it);
+- activations, ``pact: false``: Paddle's ``FakeQuanterWithAbsMaxObserver`` (moving-average abs-max);
+- outputs (``quantize_outputs``): the same moving-average quanter after each quantized layer, in Paddle's
+  ``ObserveWrapper``, so that the deployed graph is int8 from one convolution to the next.
+
+Saving converts a copy to Paddle's deployable form (``quantize_linear``/``dequantize_linear`` around each
+quantized layer, weights stored rounded; ``onnx_format: true``) or keeps the training-time fake-quant ops
+(``onnx_format: false``), then ``paddle.jit.save``. The ONNX exporter does not go through Paddle's QDQ ops
+(paddle2onnx 2.x converts only fp8 ones): it exports :func:`float_twin` and puts the scales back as ONNX QDQ.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import Problem, RecipeError, StageError
-from .paddle_env import ensure_dynamic_mode, paddle, paddleslim
+from .paddle_env import ensure_dynamic_mode, paddle
 
-# PaddleSlim 2.6's `_quant_config_default`, verbatim (a test keeps them equal).
-PADDLESLIM_DEFAULTS: dict[str, Any] = {
-    "weight_preprocess_type": None,
-    "activation_preprocess_type": None,
-    "weight_quantize_type": "channel_wise_abs_max",
-    "activation_quantize_type": "moving_average_abs_max",
-    "weight_bits": 8,
-    "activation_bits": 8,
-    "dtype": "int8",
-    "window_size": 10000,
-    "moving_rate": 0.9,
-    "quantizable_layer_type": ["Conv2D", "Linear"],
-    "fuse_conv_bn": False,
-    "onnx_format": True,
-}
-
-# Allowed values are what PaddleSlim's checks AND Paddle 2.6's ImperativeQuantAware both accept: PaddleSlim's
-# own lists are wider (e.g. range_abs_max) but Paddle then fails on them with a bare AssertionError.
 QAT_PARAMS_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "qat.config",
-    "description": "PaddleSlim dygraph QAT config (paddleslim.QAT) plus the `pact` shorthand.",
+    "description": "quantization-aware training on paddle.quantization: what is quantized, and how",
     "type": "object",
     "additionalProperties": False,
     "properties": {
         "pact": {
             "type": "boolean", "default": True,
-            "description": "PACT clipping of activations: shorthand for activation_preprocess_type 'PACT' "
-                           "(false: null). If both are given they must agree.",
+            "description": "PACT on activations: clip to a learnt [-alpha, alpha] and quantize with alpha as the "
+                           "scale (false: moving-average abs-max scale, no learnt clipping)",
+        },
+        "pact_lr_multiplier": {
+            "type": "number", "exclusiveMinimum": 0, "default": 1.0,
+            "description": "learning-rate multiplier of the PACT alphas (they start at the abs-max of the "
+                           "first batch; weight decay of the optimizer also shrinks them, as in the PACT paper)",
         },
         "weight_quantize_type": {
             "enum": ["channel_wise_abs_max", "abs_max"], "default": "channel_wise_abs_max",
-            "description": "weight fake-quant: one scale per output channel, or one per tensor",
-        },
-        "activation_quantize_type": {
-            "enum": ["moving_average_abs_max"], "default": "moving_average_abs_max",
-            "description": "activation fake-quant; the only type dygraph QAT in Paddle 2.6 supports",
+            "description": "weight scale: the abs-max of each output channel, or of the whole tensor",
         },
         "weight_bits": {
-            "type": "integer", "minimum": 1, "maximum": 16, "default": 8,
-            "description": "bits of quantized weights (onnxruntime int8 kernels need 8)",
+            "type": "integer", "minimum": 2, "maximum": 16, "default": 8,
+            "description": "bits of quantized weights (int8 kernels of onnxruntime need 8)",
         },
         "activation_bits": {
-            "type": "integer", "minimum": 1, "maximum": 16, "default": 8,
-            "description": "bits of quantized activations (onnxruntime int8 kernels need 8)",
-        },
-        "dtype": {"enum": ["int8"], "default": "int8", "description": "data type after quantization"},
-        "window_size": {
-            "type": "integer", "minimum": 1, "default": 10000,
-            "description": "window of range_abs_max; accepted but unused by dygraph QAT",
+            "type": "integer", "minimum": 2, "maximum": 16, "default": 8,
+            "description": "bits of quantized activations (int8 kernels of onnxruntime need 8)",
         },
         "moving_rate": {
             "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.9,
-            "description": "decay of the moving-average activation scale",
+            "description": "decay of the moving-average activation abs-max (pact: false)",
+        },
+        "quantize_outputs": {
+            "type": "boolean", "default": True,
+            "description": "also fake-quantize each quantized layer's output (moving-average abs-max, "
+                           "activation_bits): the deployed graph is then int8 from conv to conv, which "
+                           "onnxruntime needs to run its convolutions as QLinearConv",
         },
         "quantizable_layer_type": {
             "type": "array", "minItems": 1, "uniqueItems": True,
             "items": {"enum": ["Conv2D", "Linear", "Conv2DTranspose"]},
             "default": ["Conv2D", "Linear"],
-            "description": "layer types whose weights and inputs are fake-quantized",
-        },
-        "weight_preprocess_type": {
-            "enum": ["PACT", None], "default": None,
-            "description": "PACT clipping of weights before quantization (null: none)",
-        },
-        "activation_preprocess_type": {
-            "enum": ["PACT", None], "default": None,
-            "description": "PACT clipping of activations before quantization (null: none); see `pact`",
+            "description": "layer types whose weights and inputs are quantized",
         },
         "fuse_conv_bn": {
             "type": "boolean", "default": False,
-            "description": "fold each BatchNorm2D into the Conv2D registered just before it, before "
-                           "quantizing (done by slimrecipe: Paddle 2.6's own folding is a no-op)",
+            "description": "fold each BatchNorm2D into the Conv2D registered just before it, before quantizing, "
+                           "so the quantized weights are the ones deployed (checked on a batch when one is given)",
         },
         "onnx_format": {
             "type": "boolean", "default": True,
-            "description": "save quantize_linear/dequantize_linear (QDQ) ops with int8 weights; "
-                           "required by the onnx exporter",
+            "description": "save quantize_linear/dequantize_linear (QDQ) ops with rounded weights (needed by "
+                           "the onnx exporter); false saves the training-time fake-quant ops",
         },
     },
 }
 
-# quanter -> untouched copy of the float model PaddleSlim took in quantize(); see save_quantized().
-_FLOAT_COPIES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+def schema_defaults() -> dict:
+    """Every key of `qat.config` with its schema default."""
+    return {k: copy.deepcopy(p["default"]) for k, p in QAT_PARAMS_SCHEMA["properties"].items()}
 
 
 def resolve_config(config: dict | None, path: str = "qat.config") -> dict:
-    """The PaddleSlim config a recipe's `qat.config` stands for: defaults filled, `pact` folded in, checked."""
+    """A recipe's `qat.config` checked against the schema, with the schema's defaults filled in."""
     config = dict(config or {})
     _validate(config, path)
-    pact = config.pop("pact", None)
-    if pact is not None and "activation_preprocess_type" in config:
-        if (config["activation_preprocess_type"] == "PACT") != bool(pact):
-            raise RecipeError(
-                f"pact={pact} contradicts activation_preprocess_type="
-                f"{config['activation_preprocess_type']!r}; give one of them", path=f"{path}.pact")
-    resolved = copy.deepcopy(PADDLESLIM_DEFAULTS)
-    resolved.update(config)
-    if "activation_preprocess_type" not in config:
-        resolved["activation_preprocess_type"] = "PACT" if (True if pact is None else pact) else None
-    # PaddleSlim asserts on the Python types, and YAML gives 1 for 1.0
-    resolved["moving_rate"] = float(resolved["moving_rate"])
+    resolved = schema_defaults()
+    resolved.update(copy.deepcopy(config))
+    resolved["moving_rate"] = float(resolved["moving_rate"])  # YAML gives 1 for 1.0
+    resolved["pact_lr_multiplier"] = float(resolved["pact_lr_multiplier"])
     resolved["quantizable_layer_type"] = list(resolved["quantizable_layer_type"])
     return resolved
 
@@ -134,37 +116,94 @@ def _validate(config: dict, path: str) -> None:
             Problem(".".join([path, *map(str, e.absolute_path)]), e.message) for e in errors])
 
 
-def make_quanter(config: dict | None = None):
-    """A ``paddleslim.QAT`` built from a recipe's `qat.config` (PACT on activations unless ``pact: false``)."""
+@dataclass
+class Quanter:
+    """What a model was quantized with: the resolved config and Paddle's ``QAT`` object built from it."""
+
+    config: dict
+    qat: Any = field(repr=False)
+
+    @property
+    def onnx_format(self) -> bool:
+        return bool(self.config["onnx_format"])
+
+
+def make_quanter(config: dict | None = None) -> Quanter:
+    """A :class:`Quanter` for a recipe's `qat.config` (validated; ``RecipeError`` names the bad key)."""
     resolved = resolve_config(config)
-    return paddleslim().dygraph.quant.QAT(config=resolved)
+    p = paddle()
+    from paddle.quantization import QAT, QuantConfig
+
+    L = _layers()
+    nn = p.nn
+    types = {"Conv2D": nn.Conv2D, "Linear": nn.Linear, "Conv2DTranspose": nn.Conv2DTranspose}
+    weight = L.Factory(L.AbsMaxWeightQuanter, bit_length=resolved["weight_bits"],
+                       channel_wise=resolved["weight_quantize_type"] == "channel_wise_abs_max")
+    if resolved["pact"]:
+        activation = L.Factory(L.PACTQuanter, bit_length=resolved["activation_bits"],
+                               lr_multiplier=resolved["pact_lr_multiplier"])
+    else:
+        activation = L.Factory(L.MovingAverageAbsMaxQuanter, moving_rate=resolved["moving_rate"],
+                               bit_length=resolved["activation_bits"])
+    q_config = QuantConfig(activation=None, weight=None)
+    q_config.add_qat_layer_mapping(nn.Conv2DTranspose, L.QuantedConv2DTranspose)
+    q_config.add_type_config([types[t] for t in resolved["quantizable_layer_type"]],
+                             activation=activation, weight=weight)
+    return Quanter(resolved, QAT(q_config))
 
 
-def has_preprocess(quanter) -> bool:
-    """True when PACT (on activations or weights) is in the quantized model, and so stripped at save time."""
-    return quanter.config.get("activation_preprocess_type") == "PACT" or \
-        quanter.config.get("weight_preprocess_type") == "PACT"
+def quantize(model, quanter: Quanter, example=None):
+    """Wrap ``model``'s quantizable layers with fake-quant in place; returns ``model``.
 
-
-def quantize(model, quanter, example=None):
-    """Insert fake-quant (and PACT) layers into ``model`` in place; returns ``model``.
-
-    With ``fuse_conv_bn`` each Conv2D directly followed by its BatchNorm2D is folded first (Paddle 2.6's
-    own fusion is a no-op: it fuses a copy and drops it). ``example`` (a float32 batch), when given, proves
-    the folding kept the model's eval outputs. The moving-average activation scales start uncalibrated: train,
-    or :func:`calibrate`, before evaluating or exporting.
+    With ``fuse_conv_bn`` each Conv2D directly followed by its BatchNorm2D is folded first; ``example`` (a
+    float32 batch), when given, proves the folding kept the model's eval outputs (``StageError`` if not).
+    Activation scales start uncalibrated: train, or :func:`calibrate`, before evaluating or exporting.
     """
     ensure_dynamic_mode()
     was_training = model.training
-    if quanter.config.get("fuse_conv_bn"):
+    if quanter.config["fuse_conv_bn"]:
         fuse_conv_bn(model, example)
-    quanter.quantize(model, inplace=True)
-    if has_preprocess(quanter):
-        # PaddleSlim's save re-quantizes quanter._model (its float copy) in place: a second save would wrap
-        # its layers twice, the trained weights would no longer load, and the first save's would be exported
-        _FLOAT_COPIES[quanter] = copy.deepcopy(quanter._model)
-    model.train() if was_training else model.eval()
+    model.train()  # Paddle's QAT refuses a model in eval mode
+    try:
+        quanter.qat.quantize(model, inplace=True)
+        if quanter.config["quantize_outputs"]:
+            _quantize_outputs(model, quanter.config)
+    finally:
+        model.train() if was_training else model.eval()
+    if not quantized_layers(model):
+        raise StageError(f"qat found no layer of the types {quanter.config['quantizable_layer_type']} to quantize "
+                         "(qat.config.quantizable_layer_type)")
     return model
+
+
+def _quantize_outputs(model, config: dict) -> None:
+    # Paddle's ObserveWrapper(observe_input=False) runs the layer, then the quanter; Paddle's convert() turns
+    # the quanter into quantize/dequantize ops like any other
+    paddle()
+    from paddle.nn.quant.format import ConvertibleQuantedLayer
+    from paddle.quantization.wrapper import ObserveWrapper
+
+    L = _layers()
+    for parent in [model, *model.sublayers()]:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ConvertibleQuantedLayer) and not isinstance(parent, ObserveWrapper):
+                quanter = L.MovingAverageAbsMaxQuanter(child, moving_rate=config["moving_rate"],
+                                                       bit_length=config["activation_bits"])
+                parent._sub_layers[name] = ObserveWrapper(quanter, child, observe_input=False)
+
+
+def quantized_layers(model) -> list[str]:
+    """Names of the layers that QAT wrapped (their weights and inputs are quantized)."""
+    paddle()
+    from paddle.nn.quant.format import ConvertibleQuantedLayer
+
+    return [n for n, m in model.named_sublayers() if isinstance(m, ConvertibleQuantedLayer)]
+
+
+def pact_layers(model) -> list:
+    """The PACT activation quanters of a quantized model."""
+    L = _layers()
+    return [m for m in model.sublayers() if isinstance(m, L.PACTQuanter)]
 
 
 def conv_bn_pairs(model) -> list[list[str]]:
@@ -198,6 +237,8 @@ def fuse_conv_bn(model, example=None) -> list[list[str]]:
     model.eval()
     before = eager_outputs(model, example) if example is not None else None
     fuse_utils.fuse_layers(model, pairs, inplace=True)
+    if was_training:
+        model.train()
     if before is not None:
         after = eager_outputs(model, example)
         diff = max(float(abs(a - b).max()) for a, b in zip(after, before))
@@ -206,8 +247,6 @@ def fuse_conv_bn(model, example=None) -> list[list[str]]:
             raise StageError(f"fuse_conv_bn changed the model's outputs (max abs diff {diff:.4g}): the "
                              f"Conv2D/BatchNorm2D pairs {pairs} guessed from registration order are not "
                              "all used as conv -> bn; set fuse_conv_bn: false")
-    if was_training:
-        model.train()
     return pairs
 
 
@@ -232,29 +271,300 @@ def calibrate(model, batches) -> int:
     return n
 
 
-def save_quantized(model, quanter, path_prefix, input_spec) -> None:
-    """``quanter.save_quantized_model`` that can be called more than once and leaves ``model`` as it was.
+def deployable_copy(model, quanter: Quanter):
+    """An eval-mode copy of a quantized model as it is saved: QDQ ops and rounded weights when
+    ``onnx_format``, else the fake-quant model itself. ``model`` is left untouched."""
+    ensure_dynamic_mode()
+    _refresh_weight_scales(model)
+    out = copy.deepcopy(model)
+    out.eval()
+    if quanter.onnx_format:
+        out = quanter.qat.convert(out, inplace=True)
+        out.eval()
+    return out
 
-    Writes ``<path_prefix>.pdmodel`` / ``.pdiparams``, and always returns to dynamic mode (STACK.md trap 3).
+
+def save_quantized(model, quanter: Quanter, path_prefix, input_spec) -> tuple[Path, Path]:
+    """``paddle.jit.save`` of :func:`deployable_copy` at ``path_prefix``; returns (model file, params file).
+
+    A QDQ model (``onnx_format``) is saved as a legacy ``.pdmodel`` program on Paddle 3 too: under PIR, Paddle
+    3.3's ``dequantize_linear`` kernel quantizes instead of dequantizing (the saved ``.json`` predicts garbage),
+    while the legacy program runs correctly in Paddle 3.3's predictor. Always returns to dynamic mode.
     """
-    from .exporters import forget_stale_trace_records
+    import contextlib
 
     p = paddle()
-    ensure_dynamic_mode()
-    forget_stale_trace_records()
-    if has_preprocess(quanter):
-        if quanter not in _FLOAT_COPIES:
-            raise StageError("a PACT model must be quantized with slimrecipe.qat.quantize() to be saved")
-        quanter._model = copy.deepcopy(_FLOAT_COPIES[quanter])
-        to_save = model  # PaddleSlim only reads its state_dict
-    else:
-        # Paddle's save would turn model.forward into a static function in place
-        to_save = copy.deepcopy(model)
-    was_training = model.training
+    deployable = deployable_copy(model, quanter)
+    legacy = quanter.onnx_format and _pir_on()
+    guard = p.pir_utils.OldIrGuard() if legacy else contextlib.nullcontext()
     try:
-        to_save.eval()
-        quanter.save_quantized_model(to_save, str(path_prefix), input_spec=input_spec)
+        with guard:
+            p.jit.save(deployable, str(path_prefix), input_spec=input_spec)
     finally:
-        if not p.in_dynamic_mode():
-            p.disable_static()
-        model.train() if was_training else model.eval()
+        ensure_dynamic_mode()
+    return saved_files(path_prefix)
+
+
+def saved_files(path_prefix) -> tuple[Path, Path]:
+    """The (program, params) files ``paddle.jit.save`` wrote at ``path_prefix``: ``.json`` (PIR) or ``.pdmodel``."""
+    prefix = Path(path_prefix)
+    for suffix in (".json", ".pdmodel"):
+        program = prefix.with_name(prefix.name + suffix)
+        if program.exists():
+            return program, prefix.with_name(prefix.name + ".pdiparams")
+    raise StageError(f"paddle.jit.save wrote no program at {prefix}(.json|.pdmodel)")
+
+
+def _pir_on() -> bool:
+    flags = paddle().get_flags(["FLAGS_enable_pir_api"]) if hasattr(paddle(), "get_flags") else {}
+    return bool(flags.get("FLAGS_enable_pir_api", False))
+
+
+@dataclass
+class QuantizedLayer:
+    """What an exporter needs to quantize one layer outside Paddle (ONNX QDQ): all scales in abs-max units."""
+
+    name: str
+    weight: str  # the weight parameter's name in the saved program
+    weight_scales: Any  # np.ndarray, one per output channel (or one)
+    weight_axis: int  # -1: per tensor
+    weight_bits: int
+    activation_scale: float | None
+    activation_bits: int
+    output_scale: float | None = None  # quantize_outputs
+
+
+def float_twin(model, quanter: Quanter) -> tuple[Any, list[QuantizedLayer]]:
+    """An eval-mode float copy computing what ``model`` computes, minus the activation rounding: each quantized
+    layer's weight replaced by its fake-quantized value, its quanters removed. Returned with each layer's
+    scales, so that an exporter can put the quantization back as QDQ nodes of its own format."""
+    import numpy as np
+
+    p = paddle()
+    from paddle.nn.quant.format import ConvertibleQuantedLayer
+
+    from paddle.quantization.wrapper import ObserveWrapper
+
+    L = _layers()
+    ensure_dynamic_mode()
+    _refresh_weight_scales(model)
+    twin = copy.deepcopy(model)
+    twin.eval()
+    layers = []
+    output_scales = {}
+    with p.no_grad():
+        for wrapper in twin.sublayers():
+            if isinstance(wrapper, ObserveWrapper) and isinstance(wrapper._observed, ConvertibleQuantedLayer):
+                output_scales[id(wrapper._observed)] = _scalar(wrapper._observer.scales())
+                wrapper._sub_layers["_observer"] = p.nn.Identity()
+        for name, layer in twin.named_sublayers():
+            if not isinstance(layer, ConvertibleQuantedLayer):
+                continue
+            wq = getattr(layer, "weight_quanter", None)
+            aq = getattr(layer, "activation_quanter", None)
+            if not isinstance(wq, L.AbsMaxWeightQuanter):
+                raise StageError(f"layer {name} has weight quanter {type(wq).__name__}; expected slimrecipe's")
+            layer.weight.set_value(wq(layer.weight))
+            layers.append(QuantizedLayer(name, layer.weight.name, np.asarray(wq.scales().numpy(), dtype=np.float32),
+                                         wq.quant_axis(), wq.bit_length(),
+                                         None if aq is None else _scalar(aq.scales()),
+                                         aq.bit_length() if aq is not None else 8,
+                                         output_scales.get(id(layer))))
+            layer._sub_layers["weight_quanter"] = None
+            layer._sub_layers["activation_quanter"] = None
+    return twin, layers
+
+
+def _scalar(tensor) -> float:
+    import numpy as np
+
+    return float(np.asarray(tensor.numpy()).reshape(-1)[0])
+
+
+def _refresh_weight_scales(model) -> None:
+    # a weight quanter remembers the scale of the last forward; the optimizer has moved the weights since
+    L = _layers()
+    p = paddle()
+    from paddle.nn.quant.format import ConvertibleQuantedLayer
+
+    with p.no_grad():
+        for layer in model.sublayers():
+            if isinstance(layer, ConvertibleQuantedLayer) and not layer.converted:
+                for weight_name, quanter_name in layer.weights_to_quanters():
+                    q = getattr(layer, quanter_name, None)
+                    if isinstance(q, L.AbsMaxWeightQuanter):
+                        q.observe(getattr(layer, weight_name))
+
+
+_LAYERS = None
+_P = None  # paddle, once _define_layers ran
+_F = None  # paddle.nn.functional
+
+
+def _qmax(bits: int) -> float:
+    return float(2 ** (bits - 1) - 1)
+
+
+def _layers():
+    """The quanter and layer classes, defined on first use (they subclass Paddle's, which is imported lazily)."""
+    global _LAYERS
+    if _LAYERS is None:
+        _LAYERS = _define_layers()
+    return _LAYERS
+
+
+def _define_layers():
+    import types as _types
+
+    global _P, _F
+    # the layers' forwards name Paddle through module globals: Paddle 2.6's dy2static cannot see closure variables
+    _P = paddle()
+    _F = _P.nn.functional
+    from paddle.nn.quant.format import ConvertibleQuantedLayer
+    from paddle.quantization.base_quanter import BaseQuanter
+    from paddle.quantization.factory import QuanterFactory
+    from paddle.quantization.quanters.abs_max import FakeQuanterWithAbsMaxObserverLayer
+
+    def _frozen_parameter(layer, shape, value):
+        # state saved with the weights; a parameter rather than a buffer, as in Paddle's own quanters: Paddle
+        # 2.6's jit.save fails on buffers that the traced program only reads ("not initialized")
+        attr = _P.ParamAttr(initializer=_P.nn.initializer.Constant(value), trainable=False)
+        param = layer.create_parameter(shape=shape, attr=attr, dtype="float32")
+        param.stop_gradient = True
+        return param
+
+    class Factory(QuanterFactory):
+        """Builds one quanter per quantized layer (``QuantConfig`` takes factories, not layers)."""
+
+        def __init__(self, cls, **kwargs):
+            super().__init__(**kwargs)
+            self._cls = cls
+
+        def _get_class(self):
+            return self._cls
+
+    class AbsMaxWeightQuanter(BaseQuanter):
+        """Fake-quantizes a weight against its current abs-max, per output channel or per tensor (STE)."""
+
+        def __init__(self, layer, bit_length=8, channel_wise=True):
+            super().__init__()
+            self._bit_length = int(bit_length)
+            # output channels: axis 0 of a Conv2D weight [out, in/g, kh, kw]; axis 1 of a Linear weight
+            # [in, out] and of a Conv2DTranspose weight [in, out/g, kh, kw]
+            axis = 0 if isinstance(layer, _P.nn.Conv2D) else 1
+            self._axis = axis if channel_wise else -1
+            n = layer.weight.shape[axis] if channel_wise else 1
+            self._scale = _frozen_parameter(self, [n], 1.0)
+
+        def _scale_of(self, w):
+            if self._axis < 0:
+                s = _P.max(_P.abs(w)).reshape([1])
+            else:
+                dims = [d for d in range(len(w.shape)) if d != self._axis]
+                s = _P.amax(_P.abs(w), axis=dims)
+            return _P.clip(s, min=1e-8)
+
+        def observe(self, w):
+            self._scale.set_value(self._scale_of(w.detach()))
+
+        def forward(self, w):
+            # detach the scale, not the weight: Paddle 2.6's static detach of a parameter makes a persistable
+            # copy that jit.save then finds uninitialized
+            s = self._scale_of(w).detach()
+            if _P.in_dynamic_mode():
+                self._scale.set_value(s)
+            if self._axis >= 0:
+                shape = [1] * len(w.shape)
+                shape[self._axis] = -1
+                s = s.reshape(shape)
+            q = _qmax(self._bit_length)
+            wq = _P.round(w / s * q) * s / q
+            return w + (wq - w).detach()
+
+        def scales(self):
+            return self._scale
+
+        def zero_points(self):
+            return _P.zeros_like(self._scale)
+
+        def quant_axis(self):
+            return self._axis
+
+        def bit_length(self):
+            return self._bit_length
+
+    class PACTQuanter(BaseQuanter):
+        """PACT: clip to a learnt ``[-alpha, alpha]``, quantize with alpha as the scale (STE for the input,
+        PACT's gradient for alpha). alpha starts at the abs-max of the first training-mode batch."""
+
+        def __init__(self, layer, bit_length=8, lr_multiplier=1.0):
+            super().__init__()
+            self._bit_length = int(bit_length)
+            attr = _P.ParamAttr(initializer=_P.nn.initializer.Constant(1.0), learning_rate=float(lr_multiplier))
+            self.alpha = self.create_parameter(shape=[1], attr=attr, dtype="float32")
+            self._initialized = _frozen_parameter(self, [1], 0.0)
+
+        def forward(self, x):
+            if _P.in_dynamic_mode() and self.training and float(self._initialized.numpy().reshape(-1)[0]) == 0.0:
+                with _P.no_grad():
+                    self.alpha.set_value(_P.clip(_P.max(_P.abs(x.detach())), min=1e-4).reshape([1]))
+                    self._initialized.set_value(_P.ones([1], dtype="float32"))
+            a = _P.clip(self.alpha, min=1e-6)
+            # d/dx = 1 inside, 0 outside; d/dalpha = +1 above alpha, -1 below -alpha, 0 inside
+            clipped = x - _F.relu(x - a) + _F.relu(-a - x)
+            step = a.detach() / _qmax(self._bit_length)
+            xq = _P.round(clipped / step) * step
+            return clipped + (xq - clipped).detach()
+
+        def scales(self):
+            return self.alpha.detach()
+
+        def zero_points(self):
+            return _P.zeros([1], dtype="float32")
+
+        def quant_axis(self):
+            return -1
+
+        def bit_length(self):
+            return self._bit_length
+
+    class MovingAverageAbsMaxQuanter(FakeQuanterWithAbsMaxObserverLayer):
+        """Paddle's moving-average abs-max fake quanter, with a zero point Paddle 3's converter can read."""
+
+        def zero_points(self):
+            return _P.zeros([1], dtype="float32")
+
+    class QuantedConv2DTranspose(ConvertibleQuantedLayer):
+        """Conv2DTranspose with fake-quantized input and weight (Paddle has no QAT wrapper for it)."""
+
+        def __init__(self, layer, q_config):
+            super().__init__()
+            for attr in ("_stride", "_padding", "_dilation", "_groups", "_data_format"):
+                setattr(self, attr, getattr(layer, attr))
+            self._output_padding = layer.output_padding
+            self.weight = layer.weight
+            self.bias = layer.bias
+            self.weight_quanter = q_config.weight._instance(layer) if q_config.weight is not None else None
+            self.activation_quanter = (q_config.activation._instance(layer)
+                                       if q_config.activation is not None else None)
+
+        def forward(self, x, output_size=None):
+            w = self.weight
+            if self.activation_quanter is not None:
+                x = self.activation_quanter(x)
+            if self.weight_quanter is not None:
+                w = self.weight_quanter(w)
+            return _F.conv2d_transpose(x, w, bias=self.bias, stride=self._stride, padding=self._padding,
+                                      output_padding=self._output_padding if output_size is None else 0,
+                                      dilation=self._dilation,
+                                      groups=self._groups, output_size=output_size, data_format=self._data_format)
+
+        def weights_to_quanters(self):
+            return [("weight", "weight_quanter")]
+
+        def activation_quanters(self):
+            return ["activation_quanter"]
+
+    return _types.SimpleNamespace(Factory=Factory, AbsMaxWeightQuanter=AbsMaxWeightQuanter,
+                                  PACTQuanter=PACTQuanter, MovingAverageAbsMaxQuanter=MovingAverageAbsMaxQuanter,
+                                  QuantedConv2DTranspose=QuantedConv2DTranspose)

@@ -67,7 +67,7 @@ class RunState:
         if plan:
             from .pruning import apply_plan
 
-            apply_plan(model, self.input_shape, plan)
+            apply_plan(model, self.input_shape, plan)  # the plan's removed channels: shapes only, weights follow
         quanter = None
         if quant_config is not None:
             from .qat import make_quanter, quantize

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import types
 
 import jsonschema
@@ -76,11 +75,16 @@ def float_exports(tmp_path_factory):
     return model, {r.target: r for r in (export_paddle_inference({}, ctx), export_onnx({}, ctx))}
 
 
-def test_paddle_inference_export_reloads_and_matches(float_exports):
+def _paddle3() -> bool:
+    return int(paddle().__version__.split(".")[0]) >= 3
+
+
+def test_paddle_inference_export_writes_the_running_paddles_format_and_reloads(float_exports):
     model, results = float_exports
     r = results["paddle_inference"]
-    assert r.parity["ok"] and r.parity["max_abs_diff"] < 1e-4
-    assert {"model.pdmodel", "model.pdiparams"} <= set(r.files)
+    program = "model.json" if _paddle3() else "model.pdmodel"  # Paddle 3 saves PIR programs as JSON
+    assert {program, "model.pdiparams"} <= set(r.files) and r.details["model_file"] == program
+    assert not ({"model.json", "model.pdmodel"} - {program}) & set(r.files)
     for rel, digest in r.files.items():
         assert sha256_file(r.path / rel) == digest
     assert r.size_bytes == sum((r.path / rel).stat().st_size for rel in r.files)
@@ -92,19 +96,21 @@ def test_paddle_inference_export_reloads_and_matches(float_exports):
 
 
 def test_onnx_export_reloads_and_matches(float_exports):
-    _, results = float_exports
+    model, results = float_exports
     r = results["onnx"]
-    assert r.parity["ok"] and r.parity["max_abs_diff"] < 1e-4
     assert r.details["opset"] >= 13 and r.details["has_qdq"] is False
     assert list(r.files) == ["model.onnx"] and sha256_file(r.path / "model.onnx") == r.files["model.onnx"]
-    assert r.runner(_sample(n=1)).shape == (1, 10)
+    x = _sample(n=2, seed=8)
+    with paddle().no_grad():
+        expected = model(paddle().to_tensor(x)).numpy()
+    np.testing.assert_allclose(r.runner(x), expected, atol=1e-4)
 
 
 def test_results_serialise_without_the_runner(float_exports):
     _, results = float_exports
     for r in results.values():
         doc = json.loads(json.dumps(r.to_json()))
-        assert "runner" not in doc and doc["parity"]["ok"] is True and doc["target"] == r.target
+        assert "runner" not in doc and doc["target"] == r.target and doc["files"] == r.files
 
 
 @pytest.mark.parametrize("exporter", [export_paddle_inference, export_onnx])
@@ -114,7 +120,7 @@ def test_an_export_that_differs_from_the_model_is_refused_with_figures(exporter,
     with pytest.raises(StageError) as err:
         exporter({}, ctx)
     msg = str(err.value)
-    assert "max abs diff 1" in msg and "tolerance" in msg and "batch of 4" in msg
+    assert msg.startswith(f"{good.target} export") and "max abs diff 1" in msg and "batch of 4" in msg
     # the refused export does not replace the good one; it is kept aside for inspection
     assert {rel: sha256_file(good.path / rel) for rel in good.files} == good.files
     assert (tmp_path / f"{good.target}.rejected").is_dir() and f"{good.target}.rejected" in msg
@@ -122,9 +128,10 @@ def test_an_export_that_differs_from_the_model_is_refused_with_figures(exporter,
 
 def test_the_tolerance_is_the_users_and_the_difference_is_recorded(tmp_path):
     ctx = _ctx(EagerOnlyShift.build(), tmp_path)
-    r = export_paddle_inference({"atol": 1.5, "rtol": 0}, ctx)
-    assert r.parity["ok"] and r.parity["tolerance"] == 1.5
-    assert abs(r.parity["max_abs_diff"] - 1.0) < 1e-4
+    with pytest.raises(StageError, match="tolerance 0.9"):
+        export_paddle_inference({"atol": 0.9, "rtol": 0}, ctx)
+    r = export_paddle_inference({"atol": 1.1, "rtol": 0}, ctx)  # the same export passes a looser tolerance
+    assert r.parity["tolerance"] == 1.1 and abs(r.parity["max_abs_diff"] - 1.0) < 1e-4
 
 
 def test_dynamic_hw_export_takes_other_sizes(tmp_path):
@@ -132,6 +139,11 @@ def test_dynamic_hw_export_takes_other_sizes(tmp_path):
     for r in (export_paddle_inference({}, ctx), export_onnx({}, ctx)):
         assert r.details["input_name"] == "x"
         assert r.runner(_sample(n=1, hw=(24, 20))).shape == (1, 10)
+
+
+def test_onednn_int8_without_onednn_is_refused(tmp_path):
+    with pytest.raises(StageError, match="onednn_int8 needs mkldnn"):
+        export_paddle_inference({"onednn_int8": True, "mkldnn": False}, _ctx(_tiny_model(), tmp_path))
 
 
 def test_a_sample_of_the_wrong_shape_is_refused(tmp_path):
@@ -170,45 +182,71 @@ def test_onnx_op_counts_sees_the_graph(float_exports):
     assert counts.get("Conv") == 2 and "QuantizeLinear" not in counts
 
 
-def test_stale_trace_records_left_by_paddleslim_are_dropped_before_saving(tmp_path):
-    # PaddleSlim's FLOPs count traces the model and never pops dy2static's parameter record; a later save whose
-    # Program reuses that id would inherit the stale parameters (a KeyError seen now and then in a full run)
+def test_stale_trace_records_are_dropped_before_saving(tmp_path):
+    # Paddle 2.6 keeps dy2static's parameter records keyed by id(program); a record never popped (PaddleSlim's
+    # FLOPs count left them) is inherited by a later save whose Program reuses that id
     from paddle.jit.dy2static.program_translator import ProgramTranslator
-    from slimrecipe.paddle_env import paddleslim
 
-    records = ProgramTranslator.get_instance()._params_recorder.params_dict
+    recorder = getattr(ProgramTranslator.get_instance(), "_params_recorder", None)
+    records = getattr(recorder, "params_dict", None)
+    if not isinstance(records, dict):
+        pytest.skip(f"Paddle {paddle().__version__} keeps no dy2static parameter records to go stale")
+    records[12345] = ["stale"]
     model = _tiny_model()
-    paddleslim().analysis.dygraph_flops(model, [1, *SHAPE])
-    assert records
-    assert export_paddle_inference({}, _ctx(model, tmp_path)).parity["ok"]
-    assert not records
-    assert forget_stale_trace_records() == 0
+    r = export_paddle_inference({}, _ctx(model, tmp_path))
+    assert 12345 not in records and forget_stale_trace_records() == 0
+    np.testing.assert_allclose(r.runner(_sample()), model(paddle().to_tensor(_sample())).numpy(), atol=1e-4)
 
 
-def test_interleaved_latency_reports_medians_and_ratio():
+def test_a_narrower_model_exports_smaller_files_by_about_its_parameter_ratio(tmp_path):
+    from slimrecipe.models.vision import tiny_cnn
+
+    def build(channels):
+        paddle().seed(0)
+        m = tiny_cnn({"channels": channels}, types.SimpleNamespace(input_shape=SHAPE, num_classes=10))
+        m.eval()
+        return m
+
+    full, pruned = build([32, 64]), build([16, 32])  # what pruning half of every layer's filters leaves
+    n_full = sum(int(np.prod(p.shape)) for p in full.parameters())
+    n_pruned = sum(int(np.prod(p.shape)) for p in pruned.parameters())
+    for exporter, weights_file in ((export_paddle_inference, "model.pdiparams"), (export_onnx, "model.onnx")):
+        a = exporter({}, _ctx(full, tmp_path / "full"))
+        b = exporter({}, _ctx(pruned, tmp_path / "pruned"))
+        size_ratio = (b.path / weights_file).stat().st_size / (a.path / weights_file).stat().st_size
+        assert abs(size_ratio - n_pruned / n_full) < 0.05, (weights_file, size_ratio, n_pruned / n_full)
+        assert b.size_bytes < a.size_bytes
+
+
+def test_onnx_export_fetches_nothing_and_reports_no_failure(tmp_path, capfd, monkeypatch):
+    import subprocess
+
+    def no_installs(*args, **kwargs):
+        raise AssertionError(f"something ran a subprocess during export: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_installs)
+    monkeypatch.setattr(subprocess, "check_call", no_installs)
+    monkeypatch.setattr(subprocess, "Popen", no_installs)
+    export_onnx({}, _ctx(_tiny_model(seed=3), tmp_path))
+    out = capfd.readouterr()
+    text = (out.out + out.err).lower()
+    assert "pip" not in text and "fail" not in text and "error" not in text, text
+
+
+def test_interleaved_latency_interleaves_and_reports_every_runner():
     calls = []
 
-    def runner(name, seconds):
+    def runner(name):
         def run(x):
             calls.append(name)
-            time.sleep(seconds)
             return x
 
         return run
 
-    out = interleaved_latency({"base": runner("a", 0.002), "slow": runner("b", 0.006)}, _sample(n=1),
-                              repeats=6, warmup=1)
+    out = interleaved_latency({"base": runner("a"), "other": runner("b")}, _sample(n=1), repeats=6, warmup=1)
     assert calls[:2] == ["a", "b"]  # warm-up
     assert calls[2:] == ["a", "b", "b", "a"] * 3  # A B, then B A: position effects fall on both
-    base, slow = out["base"], out["slow"]
-    assert out["setup"]["baseline"] == "base" and base["ratio_to_first"] == 1.0
-    assert base["median_ms"] >= 2 and slow["median_ms"] >= 6 and base["p90_ms"] >= base["median_ms"]
-    assert 1.5 < slow["ratio_to_first"] < 4 and 1.5 < slow["paired_ratio"] < 4
-
-
-def test_interleaved_latency_times_real_exports(float_exports):
-    _, results = float_exports
-    out = interleaved_latency({"pd": results["paddle_inference"].runner, "ort": results["onnx"].runner},
-                              _sample(n=1), repeats=5, warmup=2)
-    assert out["pd"]["threads"] == 1 and out["ort"]["threads"] == 1 and out["threads"] == 1
-    assert out["ort"]["median_ms"] > 0 and out["ort"]["ratio_to_first"] > 0
+    assert out["setup"]["baseline"] == "base" and out["base"]["ratio_to_first"] == 1.0
+    assert set(out["other"]) >= {"median_ms", "p90_ms", "mean_ms", "min_ms", "ratio_to_first", "paired_ratio"}
+    with pytest.raises(ValueError, match="reserved"):
+        interleaved_latency({"setup": runner("a")}, _sample(n=1))

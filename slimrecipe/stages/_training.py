@@ -184,10 +184,8 @@ def distillation_loss(student, teacher, temperature: float):
 
 
 def save_weights(model, path: Path) -> Path:
-    """Save a model's weights atomically, without PaddleSlim's `_backup` buffers (STACK.md trap 9)."""
-    from ..pruning import pruned_state_dict
-
-    return _save(pruned_state_dict(model), path)
+    """Save a model's weights atomically."""
+    return _save(model.state_dict(), path)
 
 
 def _save(obj, path: Path) -> Path:

@@ -85,6 +85,8 @@ def export(state, params: dict) -> dict:
                     f"size {b['size_bytes'] / 2**20:.2f} MB (baseline)")
         if pruned_float is not None:
             msg += f"; float pruned model {entry['pruned_float']['latency']['median_ms']:.2f} ms"
+        if c["details"].get("note"):
+            msg += f"\n    note: {c['details']['note']}"
         print(msg)
     return out
 

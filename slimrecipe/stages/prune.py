@@ -12,8 +12,11 @@ SCHEMA = {
     "additionalProperties": False,
     "required": ["target"],
     "properties": {
-        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "default": "l1_norm",
-                      "description": "which filters go first"},
+        "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm", "taylor"], "default": "l1_norm",
+                      "description": "which channels of a group go first, scored over every tensor of the group "
+                                     "(taylor: first-order Taylor |w * grad| over `taylor_batches` training batches)"},
+        "taylor_batches": {"type": "integer", "minimum": 1, "default": 4,
+                           "description": "training batches (of train.batch_size or 8) for the taylor criterion"},
         "target": {
             "type": "object",
             "additionalProperties": False,
@@ -40,7 +43,7 @@ SCHEMA = {
 @register("stage", "prune", schema=SCHEMA)
 def prune(state, params: dict) -> dict:
     """Plan (skip rules + target), write plan.json, prune the current model by it, save the weights."""
-    from ..pruning import (apply_plan, apply_skip_rules, make_plan, prunable_params, ratios_for_flops_target,
+    from ..pruning import (analyse, apply_plan, apply_skip_rules, make_plan, ratios_for_flops_target,
                            ratios_for_metric_loss)
 
     model = state.model
@@ -50,7 +53,7 @@ def prune(state, params: dict) -> dict:
     target = params["target"]
     sens_file = state.run_dir / "sensitivity.json"
     table = _float_table(read_json(sens_file)["table"]) if sens_file.exists() else {}
-    prunable = prunable_params(model, shape)
+    groups, prunable = analyse(model, shape)
     kept, skipped = apply_skip_rules(prunable, table, state.recipe.get("skip") or {})
     achieved = None
     if "eval_metric_loss" in target:
@@ -58,32 +61,51 @@ def prune(state, params: dict) -> dict:
     elif "flops" in target:
         ratios, achieved = ratios_for_flops_target(
             model, shape, {k: table[k] for k in kept if k in table}, target["flops"],
-            tolerance=params["tolerance"], criterion=criterion, align=align,
+            tolerance=params["tolerance"], align=align,
             min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
     else:
         names = {p["name"] for p in prunable}
         unknown = [k for k in target["ratios"] if k not in names]
         if unknown:
-            raise RecipeError(f"not a prunable parameter of this model: {unknown[:3]}; prunable: "
+            raise RecipeError(f"not a prunable group of this model: {unknown[:3]}; prunable: "
                               f"{sorted(names)[:6]} ...", path=f"prune.target.ratios.{unknown[0]}")
         ratios = {k: v for k, v in target["ratios"].items() if k in kept}
     plan = make_plan(model, shape, prunable, ratios, skipped, criterion=criterion, align=align,
-                     min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
-    write_json(state.run_dir / "plan.json", plan)
+                     min_channels=(state.recipe.get("skip") or {}).get("min_channels"), groups=groups)
+    write_json(state.run_dir / "plan.json", plan)  # written before pruning: a failed prune leaves its plan
 
     before = state.measure(model)
-    apply_plan(model, shape, plan)
+    taylor = _taylor_scores(state, model, params["taylor_batches"]) if criterion == "taylor" else None
+    plan = apply_plan(model, shape, plan, taylor=taylor)
+    write_json(state.run_dir / "plan.json", plan)  # now with the channels each group lost
     weights = save_weights(model, state.stage_dir / "model.pdparams")
     after = state.measure(model)
     n_pruned = sum(1 for p in plan["params"].values() if p["channels_after"] < p["channels_before"])
     summary = {"prunable": len(plan["params"]), "pruned": n_pruned, "skipped": len(skipped)}
-    print(f"  pruned {n_pruned}/{len(plan['params'])} convolutions: FLOPs {before['flops']:.4g} -> {after['flops']:.4g}"
+    print(f"  pruned {n_pruned}/{len(plan['params'])} channel groups ({len(plan['unprunable'])} not prunable): FLOPs {before['flops']:.4g} -> {after['flops']:.4g}"
           f" ({1 - after['flops'] / before['flops']:.1%} cut), {state.metric.name} {before['metric']:.4f} -> "
           f"{after['metric']:.4f}")
     return {"before": before, "after": after, "metric": after["metric"], "flops": after["flops"],
             "params": after["params"], "flops_cut": 1 - after["flops"] / before["flops"],
             "target": target, "achieved_flops_cut_planned": achieved, "plan_summary": summary,
             "checkpoint": state.set_model(model, weights, plan=plan)}
+
+
+def _taylor_scores(state, model, n_batches: int) -> dict:
+    from ..batching import iterate_batches
+    from ..pruning.importance import taylor_scores
+    from ._training import default_loss
+
+    batch_size = int((state.recipe.get("train") or {}).get("batch_size") or 8)
+    loss_of = getattr(model, "loss", None) or default_loss
+    batches = iterate_batches(state.data.train, batch_size, shuffle=True, seed=state.seed, drop_last=True)
+    was_training = model.training
+    model.train()
+    try:
+        return taylor_scores(model, (b for _, b in zip(range(n_batches), batches)),
+                             lambda m, batch: loss_of(m(batch[0]), batch))
+    finally:
+        model.train() if was_training else model.eval()
 
 
 def _float_table(table: dict) -> dict:
