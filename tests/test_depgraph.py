@@ -384,9 +384,24 @@ class DataDependentBranch(nn.Layer):
         return self.head(y)
 
 
+class NanGuard(nn.Layer):
+    """PaddleOCR's training-time ``fix_nan``: where(isnan(x), zeros_like(x), x) keeps the channels of x."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.head = Head(8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.training:
+            x = paddle.where(paddle.isnan(x), paddle.zeros_like(x), x)
+        return self.head(x)
+
+
 PRUNABLE_MODELS = [ConvChain, ConvBNReLU, DepthwiseSeparable, Grouped, TransposedHead, FlattenLinear,
                    PooledLinear, Residual, SEBlock, ConcatBranches, SplitChannels, InterpolatePool, LCNetLike,
-                   SpatialAttention, SharedAndRepeated, LayerScale]
+                   SpatialAttention, SharedAndRepeated, LayerScale, NanGuard]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -569,6 +584,11 @@ def test_broadcast_shared_and_raw_per_channel_parameters(traced):
     _, groups = traced(LayerScale)
     stem = by_name(groups, "stem.0.weight")
     assert stem.prunable and ("gamma", 0, "affine") in {(m.param, m.axis, m.role) for m in stem.members}
+
+
+def test_nan_guard_keeps_its_group_prunable(traced):
+    stem = by_name(traced(NanGuard)[1], "stem.0.weight")
+    assert stem.prunable, stem.reason
 
 
 def test_control_flow_blocks_the_groups_it_reads(traced):

@@ -92,7 +92,8 @@ _ALIASES = {
     "nearest_interp_v2": "nearest_interp", "bilinear_interp_v2": "bilinear_interp",
     "bicubic_interp_v2": "bicubic_interp", "linear_interp_v2": "linear_interp", "hard_swish": "hardswish",
     "hard_sigmoid": "hardsigmoid", "reduce_mean": "mean", "reduce_sum": "sum", "reduce_max": "max",
-    "reduce_min": "min", "split_with_num": "split", "brelu": "hardtanh",
+    "reduce_min": "min", "split_with_num": "split", "brelu": "hardtanh", "isnan_v2": "isnan",
+    "fill_any_like": "full_like",
 }
 # Extra outputs that are not the op's result (statistics, masks, shape records).
 _SIDE_OUTPUTS = {"xshape", "meanout", "varianceout", "savedmean", "savedvariance", "reservespace", "mean_out",
@@ -339,12 +340,13 @@ _UNARY = {
     "thresholded_relu", "logsigmoid", "exp", "expm1", "abs", "square", "sqrt", "rsqrt", "reciprocal", "log",
     "log1p", "sin", "cos", "floor", "ceil", "round", "sign", "pow", "scale", "clip", "cast", "assign", "dropout",
     "pool2d", "max_pool2d_with_index", "nearest_interp", "bilinear_interp", "bicubic_interp", "linear_interp",
-    "pad3d", "pad", "expand", "tile", "erf", "increment",
+    "pad3d", "pad", "expand", "tile", "erf", "increment", "isnan", "isinf", "isfinite",
 }
 _BINARY = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "elementwise_pow", "fmax", "fmin"}
 _RESHAPES = {"reshape", "flatten", "squeeze", "unsqueeze"}
 _REDUCTIONS = {"mean", "sum", "max", "min", "amax", "amin", "prod", "logsumexp"}
 _HARMLESS = {"shape", "shape64", "full_like", "zeros_like", "ones_like"}  # read only shapes, never values
+_SHAPE_FOLLOWING = {"full_like", "zeros_like", "ones_like"}  # constants shaped like their input at run time
 _NORMS = {"batch_norm", "instance_norm", "sync_batch_norm"}
 
 
@@ -353,6 +355,7 @@ class _Propagation:
         p = _paddle()
         self.t = trace_
         self.ann: dict = {}  # value id -> _Chan
+        self.shape_following: set = set()  # value ids of constants shaped like an annotated tensor
         self.views: dict = {}  # value id -> static parameter name, for parameters and their reshapes
         self.parent: dict = {}
         self.groups: dict = {}  # gid -> _Pending
@@ -454,6 +457,8 @@ class _Propagation:
                 elif op.type in _NORMS:
                     handler = self._norm
                 elif op.type in _HARMLESS:
+                    if op.type in _SHAPE_FOLLOWING:
+                        self.shape_following.update(op.outputs)
                     continue
                 else:
                     self.unsupported(op)
@@ -529,6 +534,25 @@ class _Propagation:
             elif other[0] in self.views:
                 pass  # a scalar parameter (e.g. a learnable affine scale) is channel-independent
         self.ann[out] = _Chan(len(out_shape) + from_right, lead.segs)
+
+    def _op_where(self, op):
+        # where(condition, x, y) is elementwise: every full-size operand carries the same channels. A constant
+        # made by zeros_like & co. follows its input's shape when channels go, so it carries none of its own.
+        operands = [self.slot(op, n) for n in ("condition", "x", "y")]
+        out = op.outputs[0] if op.outputs else None
+        if None in operands or out is None:
+            return self.unsupported(op)
+        chans = []
+        for v in operands:
+            if v in self.ann:
+                if self.shape(v) != self.shape(out):
+                    return self.unsupported(op, "an operand is broadcast")
+                chans.append(self.ann[v])
+            elif v not in self.shape_following:
+                return self.unsupported(op, "an operand the pruner cannot follow")
+        for other in chans[1:]:
+            self.merge(chans[0], other, op)
+        self.ann[out] = chans[0]
 
     def attach_view(self, vid, view_shape, pos, chan: _Chan, op) -> bool:
         """A parameter broadcast over the channels (a bias, a per-channel scale): it loses channels too."""
