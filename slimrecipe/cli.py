@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from .errors import RecipeError, StageError, UserError
@@ -13,6 +14,11 @@ usage: slimrecipe +recipe=NAME [key=value ...]       run a recipe (Hydra overrid
        slimrecipe recipes                            list the recipes and where each comes from
        slimrecipe resume RUN_DIR                     finish an interrupted run with its own recipe
        slimrecipe schema                             print the assembled JSON Schema of a recipe
+       slimrecipe sweep-report SWEEP_DIR             (re)write sweep_summary.md/.json/.png of a sweep (-m)
+       slimrecipe replay RUN_DIR [--out NEW_DIR] [--tolerance T]
+                                                     re-run a recorded run into a new directory (inputs must
+                                                     still hash as recorded); exit 1 when plan or metrics differ
+       slimrecipe diff RUN_A RUN_B [--json]          what differs: recipe keys, inputs, environment, plan, metrics
 
 Team recipe directories: SLIMRECIPE_RECIPE_PATH=dir1:dir2 (each holds recipe/, model/, ... groups).
 Exit codes: 0 done, 1 a stage failed, 2 a mistake in the recipe or an input, 3 a bug in slimrecipe (traceback
@@ -41,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "resume":
             return _resume(argv[1:])
+        if command == "sweep-report":
+            return _sweep_report(argv[1:])
+        if command == "replay":
+            from .replay import replay_command
+
+            return replay_command(argv[1:])
+        if command == "diff":
+            from .replay import diff_command
+
+            return diff_command(argv[1:])
         return _run_hydra(argv)
     except UserError as e:
         print(e.render(), file=sys.stderr)
@@ -114,8 +130,36 @@ def _run_hydra(argv: list[str]) -> int:
     from .hydra_app import hydra_entry
 
     status = {"code": 0}
-    hydra_entry(status)
+    started = time.time()
+    try:
+        hydra_entry(status)
+    finally:
+        if multirun:  # also after a job stopped the sweep: its row and the not-started ones say so
+            _write_sweep_summary(argv, started, status["code"])
     return status["code"]
+
+
+def _write_sweep_summary(argv: list[str], started: float, exit_code: int) -> None:
+    """The sweep summary after a multirun; a failure here never changes the sweep's own exit code."""
+    sweep_dir = None
+    try:
+        from .sweeps import find_sweep_dir, short_text, write_summary
+
+        sweep_dir = find_sweep_dir(argv, started)
+        if sweep_dir is not None:  # None: no sweep happened (--help, --cfg, a composition error)
+            print(short_text(write_summary(sweep_dir, exit_code=exit_code)))
+    except Exception as e:  # noqa: BLE001 -- the jobs' results are on disk; the summary can be rebuilt
+        print(f"could not write the sweep summary ({type(e).__name__}: {e}); "
+              f"`slimrecipe sweep-report {sweep_dir or 'SWEEP_DIR'}` rebuilds it", file=sys.stderr)
+
+
+def _sweep_report(args: list[str]) -> int:
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UserError("usage: slimrecipe sweep-report SWEEP_DIR")
+    from .sweeps import render_markdown, write_summary
+
+    print(render_markdown(write_summary(Path(args[0]))), end="")
+    return 0
 
 
 def _print_outcome(state) -> None:

@@ -55,6 +55,7 @@ def hydra_entry(status: dict) -> None:
             raise SystemExit(2)
         except StageError as e:
             print(f"stage failed: {e}\nrun directory: {run_dir}", file=sys.stderr)
+            (run_dir / ERROR_LOG).write_text(f"stage failed: {e}\n", encoding="utf-8")
             status["code"] = 1
             raise SystemExit(1)
         except KeyboardInterrupt:
