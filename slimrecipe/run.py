@@ -135,20 +135,28 @@ class RunState:
         return list(self.data.input_shape)
 
     # ------------------------------------------------------------------ measuring
-    def evaluate(self, model=None, dataset=None, batch_size: int = 64) -> float:
+    @property
+    def eval_batch_size(self) -> int:
+        """The recipe's `evaluate.batch_size`: every evaluation of a run batches alike (padding can move a metric)."""
+        from .config import apply_defaults
+        from .stages.evaluate import SCHEMA
+
+        return int(apply_defaults(SCHEMA, self.recipe.get("evaluate"))["batch_size"])
+
+    def evaluate(self, model=None, dataset=None, batch_size: int | None = None) -> float:
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
         from .paddle_env import paddle
 
         with paddle().no_grad():
-            value = float(self.metric.evaluate(model, self.data.val if dataset is None else dataset, batch_size,
-                                               self.data.collate_fn))
+            value = float(self.metric.evaluate(model, self.data.val if dataset is None else dataset,
+                                               batch_size or self.eval_batch_size, self.data.collate_fn))
         if was_training:
             model.train()
         return value
 
-    def measure(self, model=None, batch_size: int = 64) -> dict:
+    def measure(self, model=None, batch_size: int | None = None) -> dict:
         """Metric, FLOPs and parameter count of a model (the current one by default)."""
         from .pruning import count_flops, count_params
 

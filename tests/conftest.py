@@ -47,5 +47,3 @@ def compose_recipe():
     return _compose
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end recipe run (minutes); deselect with -m 'not slow'")

@@ -341,3 +341,28 @@ def test_conv2d_transpose_is_quantized_and_exported(tmp_path):
         r = exporter({}, ctx)
         assert r.runner(x).shape == (2, 2, 32, 32)
         assert_reproduces(r.runner(x), eager_outputs(model, x)[0], r.target)
+
+
+def test_paddle3_falls_back_to_a_float_program_when_the_int8_save_fails_and_says_so(tmp_path, monkeypatch):
+    if not qat._pir_on():
+        pytest.skip("the fallback exists for Paddle 3 (PIR) only; Paddle 2.6 saves int8 programs as they are")
+    from slimrecipe import exporters
+
+    model = _tiny_model()
+    quanter = qat.make_quanter({})
+    qat.quantize(model, quanter)
+    qat.calibrate(model, _batches(3))
+
+    def failing_int8_save(*args, **kwargs):
+        raise TypeError("sigmoid(): argument (position 1) must be Value, but got Variable")
+
+    monkeypatch.setattr(qat, "save_quantized", failing_int8_save)
+    ctx = ExportContext(model, SHAPE, False, _batches(1, batch=4)[0], tmp_path, quanter)
+    r = export_paddle_inference({}, ctx)
+    assert "could not save this quantized model" in r.details["note"] and "must be Value" in r.details["note"]
+    assert r.details["model_file"].endswith(".json")
+    twin, _ = qat.float_twin(model, quanter)
+    x = _batches(1, batch=3, seed=5)[0]
+    assert_reproduces(r.runner(x), eager_outputs(twin, x)[0])
+    assert r.details["max_abs_diff_vs_quantized_model"] > 0  # the activation rounding it leaves out
+    assert paddle().in_dynamic_mode()
