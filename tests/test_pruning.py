@@ -119,17 +119,19 @@ def test_prunable_params_in_input_order_with_coupled_weights():
             return self.head(self.up(self.dw(self.c3(b))))
 
     entries = pruning.prunable_params(Net(), [3, 8, 8])
-    assert [e["name"] for e in entries] == ["c1.weight", "c3.weight"]
-    assert [e["index"] for e in entries] == [0, 1]
-    assert entries[0]["coupled"] == ["c2.weight"]
-    assert set(entries[1]["coupled"]) == {"dw.weight", "up.weight"}
-    assert entries[1]["shape"] == [16, 8, 3, 3] and entries[1]["type"] == "conv"
+    # the transposed convolution's output is a group of its own; the head's output is the model's: not listed
+    assert [e["name"] for e in entries] == ["c1.weight", "c3.weight", "up.weight"]
+    assert [e["index"] for e in entries] == [0, 1, 2]
+    assert {"c1.weight@0", "c2.weight@0", "c2.weight@1", "c3.weight@1"} <= set(entries[0]["members"])
+    assert {"c3.weight@0", "dw.weight@0", "up.weight@0"} <= set(entries[1]["members"])
+    assert "up.weight@1" in entries[2]["members"] and "head.weight@1" in entries[2]["members"]
+    assert [e["type"] for e in entries] == ["conv", "conv", "transpose"] and entries[1]["channels"] == 16
 
     tiny = pruning.prunable_params(build(), SHAPE)
     assert [(e["name"], e["channels"]) for e in tiny] == [("0.weight", 8), ("4.weight", 16), ("8.weight", 32)]
 
 
-def test_counts_and_backup_buffers():
+def test_counts():
     model = build()
     # conv+fc multiply-adds: 8*27*16*16 + 16*72*8*8 + 32*144*4*4 + 32*10
     assert pruning.count_flops(model, SHAPE) == 55296 + 73728 + 73728 + 320
@@ -137,14 +139,10 @@ def test_counts_and_backup_buffers():
     assert pruning.count_params(model) == 216 + 1152 + 4608 + 4 * (8 + 16 + 32) + 330
     assert pruning.count_params(model, trainable_only=True) == 216 + 1152 + 4608 + 2 * (8 + 16 + 32) + 330
 
-    # PaddleSlim's own pruner leaves <param>_backup buffers in state_dict (trap 9)
-    from slimrecipe.paddle_env import paddleslim
-
-    raw = paddleslim().dygraph.L1NormFilterPruner(model, [1, *SHAPE])
-    raw.prune_vars({model[0].weight.name: 0.5}, 0)
-    assert any(k.endswith("_backup") for k in model.state_dict())
-    assert not any(k.endswith("_backup") for k in pruning.pruned_state_dict(model))
+    plan = pruning.apply_plan(model, SHAPE, pruning.make_plan(model, SHAPE, None, {"0.weight": 0.5}))
+    assert plan["params"]["0.weight"]["channels_after"] == 4 and len(plan["params"]["0.weight"]["removed"]) == 4
     assert pruning.count_params(model) == 108 + 576 + 4608 + 4 * (4 + 16 + 32) + 330
+    assert pruning.count_flops(model, SHAPE) == 55296 / 2 + 73728 / 2 + 73728 + 320
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -156,16 +154,18 @@ def test_plan_on_trained_model_reapplied_to_fresh_model_gives_identical_outputs(
     prunable = pruning.prunable_params(model, SHAPE)
     plan = pruning.make_plan(model, SHAPE, prunable, {"0.weight": 0.5, "4.weight": 0.25}, {},
                              criterion="l1_norm")
+    plan = pruning.apply_plan(model, SHAPE, plan)
     write_json(tmp_path / "plan.json", plan)
-    pruning.apply_plan(model, SHAPE, plan)
     assert [model[i].weight.shape[0] for i in (0, 4, 8)] == [8, 24, 64]
     assert not any("_backup" in k for k in model.state_dict())
 
-    # the filters kept are the ones with the largest L1 norm in the trained weights, in their order (trap 4)
-    l1 = np.abs(original_first).mean(axis=(1, 2, 3))
-    assert np.array_equal(model[0].weight.numpy(), original_first[np.sort(np.argsort(l1)[-8:])])
+    # the plan records which channels went; the trained filters that stay keep their order (trap 4)
+    removed = plan["params"]["0.weight"]["removed"]
+    assert len(removed) == 8 and removed == sorted(removed)
+    kept = [i for i in range(16) if i not in removed]
+    assert np.array_equal(model[0].weight.numpy(), original_first[kept])
 
-    weights = pruning.pruned_state_dict(model)
+    weights = model.state_dict()
     x = P().to_tensor(trained.x)
     expected = model(x).numpy()
 
@@ -182,8 +182,8 @@ def test_load_pruned_fails_loudly_on_weights_from_another_plan(trained):
     prunable = pruning.prunable_params(model, SHAPE)
     plan_a = pruning.make_plan(model, SHAPE, prunable, {"4.weight": 0.5}, {})
     plan_b = pruning.make_plan(model, SHAPE, prunable, {"4.weight": 0.25}, {})
-    pruning.apply_plan(model, SHAPE, plan_a)
-    weights = pruning.pruned_state_dict(model)
+    plan_a = pruning.apply_plan(model, SHAPE, plan_a)
+    weights = dict(model.state_dict())
     with pytest.raises(StageError, match=r"shape .*4\.weight \[16, 16, 3, 3\] vs \[24, 16, 3, 3\]"):
         pruning.load_pruned(build((16, 32, 64)), SHAPE, plan_b, weights)
     del weights["9.bias"]
@@ -216,8 +216,8 @@ def test_plan_covers_every_parameter_and_align_gives_multiples(trained):
 
     skipped = {"0.weight": "skip.first_n: 1st prunable convolution from the input"}
     plan = pruning.make_plan(None, SHAPE, prunable, {"0.weight": 0.5, "8.weight": 0.5}, skipped)
-    assert plan["params"]["0.weight"] == {"ratio": 0.0, "channels_before": 16, "channels_after": 16,
-                                          "rule": skipped["0.weight"]}
+    assert {k: v for k, v in plan["params"]["0.weight"].items() if k != "members"} == {
+        "ratio": 0.0, "channels_before": 16, "channels_after": 16, "rule": skipped["0.weight"]}
     assert plan["params"]["4.weight"]["rule"] == "kept" and plan["params"]["4.weight"]["ratio"] == 0
     assert plan["params"]["8.weight"]["channels_after"] == 32
 
@@ -241,19 +241,30 @@ def test_sensitivity_measures_every_point_and_leaves_the_model_unchanged(trained
     assert evaluate(model) == baseline
 
 
-def test_sensitivity_undoes_what_evaluate_does_to_the_model(trained):
+def test_sensitivity_measures_pruned_copies_and_never_the_model_itself(trained):
     model = trained_copy(trained)
     before = state_of(model)
     x = P().to_tensor(trained.x)
+    seen = []
 
-    def careless(m):  # runs in train mode: moves the batch-norm statistics
+    def careless(m):  # runs in train mode: moves the batch-norm statistics of whatever it is given
+        seen.append(m[0].weight.shape[0])
         m.train()
         m(x)
         return 1.0
 
     pruning.compute_sensitivity(model, SHAPE, careless, ratios=[0.5], params=["0.weight"], progress=False)
-    assert_same_state(model, before)
-    assert not model.training
+    assert seen == [16, 8]  # the baseline, then a copy without half of the first group's channels
+    assert [model[i].weight.shape[0] for i in (0, 4, 8)] == [16, 32, 64]
+
+
+def test_sensitivity_of_a_lower_is_better_metric(trained):
+    model = trained_copy(trained)
+    error = accuracy(trained)
+    result = pruning.compute_sensitivity(model, SHAPE, lambda m: 1.5 - error(m), ratios=[0.75], progress=False,
+                                         higher_is_better=False)
+    # pruning raises the error: a positive loss, as for a falling accuracy
+    assert all(row["0.75"] > 0 for row in result["table"].values())
 
 
 @pytest.mark.parametrize("criterion", ["l2_norm", "fpgm"])
@@ -382,20 +393,41 @@ def test_malicious_pickles_are_refused_and_run_nothing(tmp_path):
         pruning.load_sensitivity_file(tmp_path / "other.pickle")
 
 
+def _paddleslim_status_pickle(path, sensitivities: dict) -> None:
+    """A pickle shaped like PaddleSlim's FilterPruner.sensitive() file (a pickled Status), made without it."""
+    import types
+
+    module_name = "paddleslim.dygraph.prune.filter_pruner"
+    status_module = types.ModuleType(module_name)
+
+    class Status:
+        def __init__(self):
+            self.sensitivies = sensitivities
+            self.accumulates = {}
+            self.is_ckp = True
+
+    Status.__module__, Status.__qualname__ = module_name, "Status"
+    status_module.Status = Status
+    saved = {k: sys.modules.get(k) for k in ("paddleslim", "paddleslim.dygraph", "paddleslim.dygraph.prune",
+                                             module_name)}
+    try:
+        for k in saved:
+            sys.modules[k] = status_module if k == module_name else types.ModuleType(k)
+        path.write_bytes(pickle.dumps(Status(), protocol=2))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
 def test_paddleslim_status_file_loads_to_the_same_numbers(tmp_path):
-    from slimrecipe.paddle_env import paddleslim
-
     model = build()
-    model.eval()
-    x = P().randn([32, *SHAPE])
-    reference = model(x).numpy().argmax(1)
-
-    def agreement():
-        return float((model(x).numpy().argmax(1) == reference).mean())
-
+    written = {model[0].weight.name: {0.1: np.float64(0.01), 0.30000000000000004: 0.05},
+               model[4].weight.name: {0.1: 0.0, 0.2: np.float32(0.25)}}
     path = tmp_path / "status.pickle"
-    pruner = paddleslim().dygraph.L1NormFilterPruner(model, [1, *SHAPE])
-    written = pruner.sensitive(eval_func=agreement, sen_file=str(path))
+    _paddleslim_status_pickle(path, written)
     assert path.read_bytes().find(b"filter_pruner") > 0  # a pickled Status object, not a plain dict
     expected = {p: {round(float(r), 6): float(v) for r, v in row.items()} for p, row in written.items()}
 

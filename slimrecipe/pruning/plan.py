@@ -90,7 +90,7 @@ def make_plan(model, input_shape, prunable: list[dict] | None, ratios: dict[str,
     align = _check_align(align)
     min_channels = _check_min_channels(min_channels)
     skipped = skipped or {}
-    if prunable is None or groups is None:
+    if prunable is None:
         groups, prunable = analyse(model, input_shape)
     by_any = {e["name"]: e for e in prunable} | {e["param_name"]: e for e in prunable}
     unknown = [k for k in ratios if k not in by_any]
