@@ -10,6 +10,7 @@ the very artefacts that were written.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -285,6 +286,18 @@ def _files_and_size(root: Path) -> tuple[dict[str, str], int]:
     return files, sum((root / rel).stat().st_size for rel in files)
 
 
+ONEDNN_INTERP_NOTE = (
+    "Paddle 3.3's oneDNN executor cannot run *_interp ops of a PIR program (their scale is an array of "
+    "doubles: Paddle issue #79749), so the predictor keeps oneDNN's fused kernels but leaves op placement "
+    "to Paddle's CPU kernels (delete_pass('onednn_placement_pass')); do the same in your predictor")
+
+
+def onednn_cannot_place(model_file: Path) -> bool:
+    """True for a PIR program (``.json``) with an interpolation op: oneDNN placement breaks it on Paddle 3.3."""
+    model_file = Path(model_file)
+    return model_file.suffix == ".json" and re.search(r'"1\.\w+_interp"', model_file.read_text()) is not None
+
+
 def paddle_predictor(model_file: Path, params_file: Path, threads: int = 1, mkldnn: bool = True,
                      int8: bool = False) -> Runner:
     """A Paddle Inference CPU predictor for a saved model, as a :class:`Runner` (``int8``: oneDNN int8 kernels)."""
@@ -297,6 +310,8 @@ def paddle_predictor(model_file: Path, params_file: Path, threads: int = 1, mkld
         config.enable_mkldnn()
         if int8:
             (getattr(config, "enable_onednn_int8", None) or config.enable_mkldnn_int8)()
+        if onednn_cannot_place(model_file):
+            config.delete_pass("onednn_placement_pass")
     else:
         config.disable_mkldnn()
     predictor = p.inference.create_predictor(config)
@@ -384,6 +399,8 @@ def export_paddle_inference(params: dict, ctx: ExportContext) -> ExportResult:
         details = {**extra, "threads": prm["threads"], "mkldnn": prm["mkldnn"], "onednn_int8": prm["onednn_int8"],
                    "input_name": INPUT_NAME, "dynamic_hw": ctx.dynamic_hw, "quantized": quantized,
                    "paddle": paddle().__version__, "model_file": model_file.name, "params_file": params_file.name}
+        if prm["mkldnn"] and onednn_cannot_place(model_file):
+            details["onednn_placement"] = ONEDNN_INTERP_NOTE
         if note:
             details["note"] = note
         return runner, parity, details
@@ -519,11 +536,15 @@ def insert_qdq(model, layers) -> dict:
         if key in requantized:
             return requantized[key]
         qmax = float(2 ** (bits - 1) - 1)
-        s = const(f"{tensor}.{tag}.scale", np.asarray(scale / qmax, dtype=np.float32))
-        z = const(f"{tensor}.{tag}.zero_point", np.asarray(0, dtype=np.int8))
-        q, dq = f"{tensor}.{tag}.q", dq_name or f"{tensor}.{tag}.dq"
+        # one tensor read by layers with different input scales gets one Q/DQ pair per scale
+        base = f"{tensor}.{tag}"
+        uses = sum(1 for t, _ in requantized if t == tensor)
+        base = f"{base}{uses}" if uses else base
+        s = const(f"{base}.scale", np.asarray(scale / qmax, dtype=np.float32))
+        z = const(f"{base}.zero_point", np.asarray(0, dtype=np.int8))
+        q, dq = f"{base}.q", dq_name or f"{base}.dq"
         new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s, z], [q], name=q))
-        new_nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{tensor}.{tag}.dq"))
+        new_nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{base}.dq"))
         requantized[key] = dq
         return dq
 
@@ -634,12 +655,13 @@ def insert_qdq(model, layers) -> dict:
             quantized_outputs.add(out)
             counts["outputs"] += 1
 
-    missing = []
+    missing, unused = [], []
     for layer in layers:
         nodes = by_weight.get(layer.weight)
         w = constant_value(layer.weight) if nodes else None
         if w is None:
-            missing.append(layer.name)
+            # a layer the exported (eval) forward never runs, e.g. DB's threshold branch, has no weight here
+            (missing if nodes or constant_value(layer.weight) is not None else unused).append(layer.name)
             continue
         if layer.weight_bits > 8 or layer.activation_bits > 8:
             raise StageError(f"layer {layer.name}: ONNX QDQ export supports up to 8 bits "
@@ -684,8 +706,10 @@ def insert_qdq(model, layers) -> dict:
                     len(consumers.get(tensor, [])) == 1:
                 rewire(tensor, qdq(tensor, layer.activation_scale, layer.activation_bits, "pre"))
                 counts["moved_input"] += 1
-    if missing:
-        raise StageError(f"the ONNX graph has no Conv/MatMul reading the weights of the quantized layers {missing}")
+    if missing or len(unused) == len(layers):
+        raise StageError("the ONNX graph has no Conv/MatMul reading the weights of the quantized layers "
+                         f"{missing or unused}")
+    counts["unused_layers"] = len(unused)
     # nodes must be in topological order: rebuild the list, each new node after its input's producer
     order = list(graph.node) + new_nodes
     del graph.node[:]

@@ -12,6 +12,7 @@ import pytest
 from slimrecipe.errors import StageError
 from slimrecipe.exporters import (
     ExportContext,
+    eager_outputs,
     export_onnx,
     export_paddle_inference,
     forget_stale_trace_records,
@@ -19,6 +20,7 @@ from slimrecipe.exporters import (
     onnx_op_counts,
 )
 from slimrecipe.fileio import sha256_file
+from slimrecipe.models._db_layers import upsample_like
 from slimrecipe.paddle_env import paddle
 from slimrecipe.registry import REGISTRIES
 
@@ -250,3 +252,26 @@ def test_interleaved_latency_interleaves_and_reports_every_runner():
     assert set(out["other"]) >= {"median_ms", "p90_ms", "mean_ms", "min_ms", "ratio_to_first", "paired_ratio"}
     with pytest.raises(ValueError, match="reserved"):
         interleaved_latency({"setup": runner("a")}, _sample(n=1))
+
+
+class _UpsamplingNeck(paddle().nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.down = paddle().nn.Conv2D(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return upsample_like(self.down(x), x)
+
+
+def test_an_upsampling_detector_neck_runs_in_paddle_inference_with_onednn(tmp_path):
+    # Paddle 3.3's oneDNN executor cannot run interpolation ops of a saved PIR program (Paddle issue #79749);
+    # the predictor leaves their placement to Paddle's CPU kernels and the export says so
+    paddle().seed(0)
+    model = _UpsamplingNeck()
+    model.eval()
+    x = np.random.RandomState(0).rand(1, 3, 64, 96).astype("float32")
+    r = export_paddle_inference({"mkldnn": True}, ExportContext(model, [3, 64, 96], True, x, tmp_path, None))
+    assert r.runner(x).shape == (1, 4, 64, 96)
+    assert np.abs(r.runner(x) - eager_outputs(model, x)[0]).max() < 1e-4
+    is_pir = r.details["model_file"].endswith(".json")
+    assert ("onednn_placement" in r.details) == is_pir

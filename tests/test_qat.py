@@ -366,3 +366,41 @@ def test_paddle3_falls_back_to_a_float_program_when_the_int8_save_fails_and_says
     assert_reproduces(r.runner(x), eager_outputs(twin, x)[0])
     assert r.details["max_abs_diff_vs_quantized_model"] > 0  # the activation rounding it leaves out
     assert paddle().in_dynamic_mode()
+
+
+_nn = paddle().nn
+_F = paddle().nn.functional
+
+
+class _Fork(_nn.Layer):
+    """One activation read by two convolutions (each with its own input scale), and a branch that only training
+    runs (like DB's threshold map): what the detectors' QDQ export met."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _nn.Conv2D(3, 4, 3, padding=1)
+        self.left, self.right = _nn.Conv2D(4, 2, 1), _nn.Conv2D(4, 2, 1)
+        self.train_only = _nn.Conv2D(4, 2, 1)
+
+    def forward(self, x):
+        y = _F.relu(self.stem(x))
+        out = self.left(y) + self.right(y * 3.0)
+        return [out, self.train_only(y)] if self.training else out
+
+
+def test_onnx_qdq_export_of_a_shared_input_and_a_training_only_branch(tmp_path):
+    import onnx
+
+    paddle().seed(0)
+    model = _Fork()
+    quanter = qat.make_quanter({})
+    qat.quantize(model, quanter)
+    qat.calibrate(model, _batches(3))
+    left, right = (layer.activation_quanter for layer in _quantized(model)[1:3])
+    # two scales on one tensor: two Q/DQ pairs, two names
+    assert float(left.scales().numpy().reshape(-1)[0]) != float(right.scales().numpy().reshape(-1)[0])
+    x = _batches(1, batch=2, seed=5)[0]
+    r = export_onnx({}, ExportContext(model, SHAPE, False, x, tmp_path, quanter))
+    onnx.checker.check_model(onnx.load(str(r.path / "model.onnx")))  # initializer names are unique
+    assert r.details["qdq_inserted"]["unused_layers"] == 1  # train_only: not in the exported (eval) graph
+    assert_reproduces(r.runner(x), eager_outputs(model, x)[0])

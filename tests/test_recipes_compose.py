@@ -31,7 +31,8 @@ def test_every_listed_recipe_has_a_smoke_profile_that_validates(name, run_cli):
 
 def test_smoke_profile_changes_the_recipe(compose_recipe):
     full, smoke = compose_recipe("ocr_det_prune"), compose_recipe("ocr_det_prune", "+profile=smoke")
-    assert smoke["train"]["batch_size"] < full["train"]["batch_size"]
+    assert smoke["dataset"]["params"]["num_train"] < full["dataset"]["params"]["num_train"]
+    assert smoke["finetune"]["steps"] < smoke["finetune"]["epochs"] * full["dataset"]["params"]["num_train"]
 
 
 def test_a_profile_missing_for_a_recipe_is_named(tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ def test_snapshot_records_env_seed_and_hashes(tiny_run):
     snap = json.loads((run_dir / "snapshot.json").read_text())
     assert snap["seed"] == state.recipe["seed"]
     assert {"python", "platform", "packages"} <= set(snap["env"])
-    for pkg in ("paddlepaddle", "paddleslim", "hydra-core", "numpy"):
+    for pkg in ("paddlepaddle", "hydra-core", "numpy"):
         assert pkg in snap["env"]["packages"]
     assert "slimrecipe" in snap["plugins"]
     assert snap["recipe_dirs"][0]["path"].endswith("recipes")

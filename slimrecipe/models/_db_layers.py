@@ -156,13 +156,20 @@ class DBFPN(nn.Layer):
     def forward(self, features):
         c2, c3, c4, c5 = features
         in5 = self.in5_conv(c5)
-        out4 = self.in4_conv(c4) + F.interpolate(in5, scale_factor=2, mode="nearest")
-        out3 = self.in3_conv(c3) + F.interpolate(out4, scale_factor=2, mode="nearest")
-        out2 = self.in2_conv(c2) + F.interpolate(out3, scale_factor=2, mode="nearest")
-        p5 = F.interpolate(self.p5_conv(in5), scale_factor=8, mode="nearest")
-        p4 = F.interpolate(self.p4_conv(out4), scale_factor=4, mode="nearest")
-        p3 = F.interpolate(self.p3_conv(out3), scale_factor=2, mode="nearest")
+        out4 = self.in4_conv(c4) + upsample_like(in5, c4)
+        out3 = self.in3_conv(c3) + upsample_like(out4, c3)
+        out2 = self.in2_conv(c2) + upsample_like(out3, c2)
+        p5 = upsample_like(self.p5_conv(in5), c2)
+        p4 = upsample_like(self.p4_conv(out4), c2)
+        p3 = upsample_like(self.p3_conv(out3), c2)
         return paddle.concat([p5, p4, p3, self.p2_conv(out2)], axis=1)
+
+
+def upsample_like(x, ref):
+    """Nearest-neighbour upsampling of ``x`` to ``ref``'s height and width (an FPN's 2x, 4x, 8x on inputs that
+    are multiples of 32). A size, not a scale factor: Paddle 3.3 saves a scale factor as an array of doubles,
+    which neither its oneDNN executor nor paddle2onnx 2.1 can read (Paddle issue #79749)."""
+    return F.interpolate(x, size=paddle.shape(ref)[2:], mode="nearest")
 
 
 def _uniform_bias(fan_in):

@@ -21,7 +21,7 @@ import numpy as np
 
 from slimrecipe.paddle_env import paddle as _paddle
 
-from ._db_layers import DBDetector, DBHead, DBMapBranch
+from ._db_layers import DBDetector, DBHead, DBMapBranch, upsample_like
 
 paddle = _paddle()
 nn = paddle.nn
@@ -279,12 +279,12 @@ class RSEFPN(nn.Layer):
     def forward(self, features):
         c2, c3, c4, c5 = features
         in5 = self.ins_conv[3](c5)
-        out4 = self.ins_conv[2](c4) + F.interpolate(in5, scale_factor=2, mode="nearest")
-        out3 = self.ins_conv[1](c3) + F.interpolate(out4, scale_factor=2, mode="nearest")
-        out2 = self.ins_conv[0](c2) + F.interpolate(out3, scale_factor=2, mode="nearest")
-        p5 = F.interpolate(self.inp_conv[3](in5), scale_factor=8, mode="nearest")
-        p4 = F.interpolate(self.inp_conv[2](out4), scale_factor=4, mode="nearest")
-        p3 = F.interpolate(self.inp_conv[1](out3), scale_factor=2, mode="nearest")
+        out4 = self.ins_conv[2](c4) + upsample_like(in5, c4)
+        out3 = self.ins_conv[1](c3) + upsample_like(out4, c3)
+        out2 = self.ins_conv[0](c2) + upsample_like(out3, c2)
+        p5 = upsample_like(self.inp_conv[3](in5), c2)
+        p4 = upsample_like(self.inp_conv[2](out4), c2)
+        p3 = upsample_like(self.inp_conv[1](out3), c2)
         return paddle.concat([p5, p4, p3, self.inp_conv[0](out2)], axis=1)
 
 

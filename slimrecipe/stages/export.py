@@ -15,20 +15,20 @@ SCHEMA = {
     "required": ["targets"],
     "properties": {
         "targets": {"type": "object", "description": "exporter plugin -> its parameters"},
-        "sample_batch": {"type": "integer", "minimum": 1, "maximum": 256,
+        "sample_batch": {"type": "integer", "minimum": 1, "maximum": 256, "default": 8,
                          "description": "validation images used for the parity check"},
-        "dynamic_hw": {"type": "boolean", "description": "export with free height and width (detectors)"},
-        "compare_baseline": {"type": "boolean", "description": "also export the unpruned baseline and time both"},
-        "float_reference": {"type": "boolean",
+        "dynamic_hw": {"type": "boolean", "default": False, "description": "export with free height and width (detectors)"},
+        "compare_baseline": {"type": "boolean", "default": True, "description": "also export the unpruned baseline and time both"},
+        "float_reference": {"type": "boolean", "default": True,
                             "description": "when the model is quantized, also export and time the float pruned "
                                            "model, so pruning's and quantization's effects show apart"},
         "latency": {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "repeats": {"type": "integer", "minimum": 1, "maximum": 10000},
-                "warmup": {"type": "integer", "minimum": 0, "maximum": 1000},
-                "batch_size": {"type": "integer", "minimum": 1, "maximum": 256},
+                "repeats": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 50},
+                "warmup": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 5},
+                "batch_size": {"type": "integer", "minimum": 1, "maximum": 256, "default": 1},
             },
         },
     },
@@ -43,18 +43,18 @@ def export(state, params: dict) -> dict:
     model = state.model
     model.eval()
     data = state.data
-    n = min(int(params.get("sample_batch", 8)), len(data.val))
+    n = min(params["sample_batch"], len(data.val))
     collate = data.collate_fn or stack_samples
     sample = np.asarray(collate([data.val[i] for i in range(n)])[0], dtype=np.float32)
-    lat = params.get("latency") or {}
-    lat_x = sample[: int(lat.get("batch_size", 1))]
-    baseline = state.baseline_model() if params.get("compare_baseline", True) else None
-    pruned_float = _float_pruned_model(state) if params.get("float_reference", True) and state.quanter else None
+    lat = params["latency"]
+    lat_x = sample[: lat["batch_size"]]
+    baseline = state.baseline_model() if params["compare_baseline"] else None
+    pruned_float = _float_pruned_model(state) if params["float_reference"] and state.quanter else None
     out = {"targets": {}}
     for name, target_params in params["targets"].items():
         plugin = registry.get("exporter", name, f"export.targets.{name}")
         target_params = target_params or {}
-        dyn = bool(params.get("dynamic_hw", False))
+        dyn = params["dynamic_hw"]
         res = plugin.obj(target_params, ExportContext(model, state.input_shape, dyn, sample,
                                                       state.run_dir / "export", state.quanter))
         entry = {"compressed": res.to_json()}
@@ -69,11 +69,10 @@ def export(state, params: dict) -> dict:
                                                           state.run_dir / "export" / "pruned_float", None))
             entry["pruned_float"] = ref.to_json()
             runners["pruned_float"] = ref.runner
-        timing = interleaved_latency(runners, lat_x, repeats=int(lat.get("repeats", 50)),
-                                     warmup=int(lat.get("warmup", 5)))
+        timing = interleaved_latency(runners, lat_x, repeats=lat["repeats"], warmup=lat["warmup"])
         for who in runners:
             entry[who]["latency"] = timing[who]
-        entry["latency_setup"] = (f"median of {lat.get('repeats', 50)} runs after {lat.get('warmup', 5)} warm-up, "
+        entry["latency_setup"] = (f"median of {lat['repeats']} runs after {lat['warmup']} warm-up, "
                                   f"batch {len(lat_x)}, input {list(lat_x.shape[1:])}, "
                                   f"{timing.get('threads', '?')} thread(s), baseline and compressed interleaved")
         out["targets"][name] = entry
