@@ -111,11 +111,10 @@ def _expect_name(section: dict, where: str, supported: str):
         _refuse(f"{where}.name: {section.get('name')!r} is not supported; supported: {supported}")
 
 
-def _refuse_unknown_keys(section: dict, where: str, known: tuple[str, ...]):
+def _refuse_unknown_keys(section: dict, where: str, known: tuple[str, ...], plugin: str = "db_mobilenet_v3"):
     unknown = sorted(set(section) - set(known) - {"name"})
     if unknown:
-        _refuse(f"{where}.{unknown[0]} is not supported by db_mobilenet_v3; supported keys: "
-                f"{', '.join(known)}")
+        _refuse(f"{where}.{unknown[0]} is not supported by {plugin}; supported keys: {', '.join(known)}")
 
 
 def _number(section: dict, key: str, where: str, default, *, integer=False, positive=True):
@@ -134,13 +133,9 @@ def _flag(section: dict, key: str, where: str, default: bool) -> bool:
     return value
 
 
-def read_paddleocr_config(path: str | Path, find_weights: bool = True) -> tuple[dict, str | None, str]:
-    """Settings of a PaddleOCR det_mv3_db-style config, the weights file it names, and the key that named it.
-
-    Anything this plugin would build differently from PaddleOCR is refused, naming the config key. A missing
-    ``Loss`` section gives this plugin's defaults; a ``DBLoss`` section gives PaddleOCR's defaults for the
-    keys it leaves out (including ``main_loss_type: DiceLoss``).
-    """
+def read_db_architecture(path: str | Path, plugin: str = "db_mobilenet_v3") -> tuple[dict, dict]:
+    """A PaddleOCR det config and its ``Architecture`` section, refused (naming the key) unless it builds a DB
+    text detector with no input transform."""
     import yaml
 
     path = Path(path)
@@ -150,7 +145,6 @@ def read_paddleocr_config(path: str | Path, find_weights: bool = True) -> tuple[
         _refuse(f"cannot read the PaddleOCR config {str(path)!r}: {exc}")
     if not isinstance(config, dict):
         _refuse(f"{str(path)!r} is not a PaddleOCR config (expected a YAML mapping)")
-
     arch = _section(config, "Architecture", "")
     if arch.get("model_type") != "det":
         _refuse(f"Architecture.model_type: {arch.get('model_type')!r} is not supported; supported: det")
@@ -158,7 +152,20 @@ def read_paddleocr_config(path: str | Path, find_weights: bool = True) -> tuple[
         _refuse(f"Architecture.algorithm: {arch.get('algorithm')!r} is not supported; supported: DB")
     if arch.get("Transform") is not None:
         _refuse("Architecture.Transform is not supported; it must be empty")
-    _refuse_unknown_keys(arch, "Architecture", ("model_type", "algorithm", "Transform", "Backbone", "Neck", "Head"))
+    _refuse_unknown_keys(arch, "Architecture", ("model_type", "algorithm", "Transform", "Backbone", "Neck", "Head"),
+                         plugin)
+    return config, arch
+
+
+def read_paddleocr_config(path: str | Path, find_weights: bool = True) -> tuple[dict, str | None, str]:
+    """Settings of a PaddleOCR det_mv3_db-style config, the weights file it names, and the key that named it.
+
+    Anything this plugin would build differently from PaddleOCR is refused, naming the config key. A missing
+    ``Loss`` section gives this plugin's defaults; a ``DBLoss`` section gives PaddleOCR's defaults for the
+    keys it leaves out (including ``main_loss_type: DiceLoss``).
+    """
+    path = Path(path)
+    config, arch = read_db_architecture(path)
 
     backbone = _section(arch, "Backbone", "Architecture.")
     _expect_name(backbone, "Architecture.Backbone", "MobileNetV3")

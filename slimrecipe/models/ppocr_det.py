@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..errors import RecipeError
 from ..registry import register
-from .db import _expect_name, _flag, _number, _read_loss, _section
+from .db import _expect_name, _flag, _number, _read_loss, _refuse, _section, read_db_architecture
+from .db import _refuse_unknown_keys as db_refuse_unknown_keys
 
-CONFIG_PATH = "model.params.paddleocr_config"
 PRETRAINED_PATH = "model.params.pretrained"
 FEATURE_STRIDE = 32
 
@@ -174,36 +174,13 @@ def resolve_settings(params: dict) -> tuple[dict, dict]:
     return network, loss
 
 
-def _refuse(message: str):
-    raise RecipeError(message, path=CONFIG_PATH)
-
-
 def _refuse_unknown_keys(section: dict, where: str, known: tuple[str, ...]):
-    unknown = sorted(set(section) - set(known) - {"name"})
-    if unknown:
-        _refuse(f"{where}.{unknown[0]} is not supported by ppocr_det; supported keys: {', '.join(known)}")
+    db_refuse_unknown_keys(section, where, known, "ppocr_det")
 
 
 def read_paddleocr_config(path: str | Path) -> tuple[dict, dict]:
     """Network and loss settings of a PaddleOCR PP-OCR mobile det config; anything built otherwise is refused."""
-    import yaml
-
-    path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        _refuse(f"cannot read the PaddleOCR config {str(path)!r}: {exc}")
-    if not isinstance(config, dict):
-        _refuse(f"{str(path)!r} is not a PaddleOCR config (expected a YAML mapping)")
-
-    arch = _section(config, "Architecture", "")
-    if arch.get("model_type") != "det":
-        _refuse(f"Architecture.model_type: {arch.get('model_type')!r} is not supported; supported: det")
-    if arch.get("algorithm") != "DB":
-        _refuse(f"Architecture.algorithm: {arch.get('algorithm')!r} is not supported; supported: DB")
-    if arch.get("Transform") is not None:
-        _refuse("Architecture.Transform is not supported; it must be empty")
-    _refuse_unknown_keys(arch, "Architecture", ("model_type", "algorithm", "Transform", "Backbone", "Neck", "Head"))
+    config, arch = read_db_architecture(path, "ppocr_det")
 
     backbone = _section(arch, "Backbone", "Architecture.")
     where = "Architecture.Backbone"
