@@ -56,6 +56,8 @@ def test_smoke_run_prunes_and_reports(det_run):
                                  - plan["params"][n]["channels_after"] for n in pruned_groups)
     report = (run_dir / "report.md").read_text()
     assert "hmean" in report and "paddle_inference" in report and "onnx" in report
+    # the labels and both models' boxes on validation images, side by side, linked from the report
+    assert "report_detections.png" in report and (run_dir / "report_detections.png").stat().st_size > 10_000
 
 
 def _runner(run_dir, target):

@@ -6,7 +6,12 @@ from ..fileio import atomic_write, write_json, write_text
 from ..registry import register
 
 SCHEMA = {"type": "object", "additionalProperties": False,
-          "properties": {"plot": {"type": "boolean", "default": True, "description": "draw report.png"}}}
+          "properties": {"plot": {"type": "boolean", "default": True, "description": "draw report.png"},
+                         "detections": {"type": "integer", "minimum": 0, "maximum": 12, "default": 3,
+                                        "description": "text detectors (hmean metric): draw this many validation "
+                                                       "images with the labels and the baseline's and the "
+                                                       "compressed model's boxes side by side "
+                                                       "(report_detections.png)"}}}
 
 # stage name -> row label, in the order a model moves through a recipe
 PHASES = (("evaluate", "baseline"), ("prune", "pruned"), ("finetune", "finetuned"), ("qat", "quantized (QAT)"))
@@ -101,7 +106,64 @@ def report(state, params: dict) -> dict:
     write_text(state.run_dir / "report.md", render_markdown(rep))
     if params["plot"] and rep["phases"]:
         _plot(rep, state.run_dir / "report.png")
+    if params["detections"] and state.metric.name == "hmean" and len(state.data.val):
+        _draw_detections(state, params["detections"], state.run_dir / "report_detections.png")
+        write_text(state.run_dir / "report.md", render_markdown(rep) + "\n![detections](report_detections.png)\n")
     return {"summary_table": summary_table(rep)}
+
+
+def _draw_detections(state, n: int, path) -> None:
+    """Validation images with their labels (blue) and the detections (green matched, red not) of the baseline
+    and of the compressed model, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..datasets.db_transforms import resized_extent
+    from ..metrics.det import _prob_map_from_output, boxes_from_prob_map, match_detections
+    from ..paddle_env import paddle
+
+    p = paddle()
+    params = state.metric.extra["params"]
+    models = [("baseline", state.baseline_model()), ("compressed", state.model)]
+    for _, model in models:
+        model.eval()
+    n = min(n, len(state.data.val))
+    fig, axes = plt.subplots(n, 2, figsize=(11, 4.2 * n), squeeze=False)
+    for row in range(n):
+        images, shape_infos, polys, ignores = state.data.collate_fn([state.data.val[row]])[:4]
+        x = np.asarray(images, dtype=np.float32)
+        resized_h, resized_w = resized_extent(shape_infos[0])
+        scale = np.array([resized_w / float(shape_infos[0][1]), resized_h / float(shape_infos[0][0])])
+        shown = x[0, ::-1, :resized_h, :resized_w].transpose(1, 2, 0)  # BGR -> RGB, the image without padding
+        shown = (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-6)
+        for col, (label, model) in enumerate(models):
+            with p.no_grad():
+                prob = _prob_map_from_output(model(p.to_tensor(x)))[0, 0, :resized_h, :resized_w]
+            boxes, _ = boxes_from_prob_map(prob, int(shape_infos[0][0]), int(shape_infos[0][1]),
+                                           thresh=params["thresh"], box_thresh=params["box_thresh"],
+                                           unclip_ratio=params["unclip_ratio"], min_size=params["min_size"],
+                                           box_type=params["box_type"])
+            counts = match_detections(polys[0], ignores[0], boxes, params["iou_threshold"],
+                                      params["ignore_overlap"])
+            ax = axes[row][col]
+            ax.imshow(shown)
+            for poly, ignored in zip(polys[0], ignores[0]):
+                ax.add_patch(plt.Polygon(np.asarray(poly) * scale, fill=False, lw=1, ls=":" if ignored else "-",
+                                         ec="#36c"))
+            for box in boxes:
+                hit = match_detections(polys[0], ignores[0], [box], params["iou_threshold"],
+                                       params["ignore_overlap"]).matched > 0
+                ax.add_patch(plt.Polygon(np.asarray(box) * scale, fill=False, lw=1.5, ec="#2a2" if hit else "#d22"))
+            ax.set_title(f"{label}: {counts.matched} of {counts.gt_care} labelled lines found, "
+                         f"{counts.det_care - counts.matched} false", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(f"{state.recipe['name']}: labels (blue), detections found (green) and false (red)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
 
 
 def _plot(rep: dict, path) -> None:
