@@ -82,6 +82,11 @@ def removed_rows(before: np.ndarray, after: np.ndarray) -> list[int]:
     return sorted(set(range(before.shape[0])) - set(kept))
 
 
+def _describe(error: Exception) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
 def paddleslim_side(name, size, ratio, x):
     from slimrecipe.paddle_env import paddle
     from slimrecipe.paddle_env import paddleslim as get_slim
@@ -102,7 +107,7 @@ def paddleslim_side(name, size, ratio, x):
             pruner.prune_vars({names[structured]: ratio}, axis=0)
             output(model, x)
         except Exception as e:  # noqa: BLE001 -- what PaddleSlim refuses or breaks on is the measurement
-            single[structured] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+            single[structured] = {"ok": False, "error": _describe(e)}
             continue
         after = dict(model.named_parameters())[structured].numpy()
         accepted.append(structured)
@@ -118,7 +123,7 @@ def paddleslim_side(name, size, ratio, x):
         output(model, x)
         cut = 1 - slim.analysis.dygraph_flops(model, shape) / flops0
     except Exception as e:  # noqa: BLE001
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        error = _describe(e)
     t_all = time.perf_counter() - t0
     paddle()
     return {"convs": len(weights), "prunable_convs": len(accepted), "flops_cut": cut, "error_pruning_all": error,

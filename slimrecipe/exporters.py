@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -236,14 +237,20 @@ def forget_stale_trace_records() -> int:
     try:
         from paddle.jit.dy2static.program_translator import ProgramTranslator
     except ImportError:
-        return 0
-    translator = ProgramTranslator.get_instance()
-    dropped = 0
+        translator = None
+    else:
+        translator = ProgramTranslator.get_instance()
+    dropped, found = 0, 0
     for recorder in (getattr(translator, "_params_recorder", None), getattr(translator, "_inplace_map", None)):
         records = getattr(recorder, "params_dict", None)
         if isinstance(records, dict):
+            found += 1
             dropped += len(records)
             records.clear()
+    if not found:
+        warnings.warn(f"Paddle {paddle().__version__} no longer keeps dy2static's parameter records where slimrecipe "
+                      "clears them before saving; if a save fails with KeyError '<param>_deepcopy_N', this "
+                      "workaround (slimrecipe.exporters.forget_stale_trace_records) needs updating", stacklevel=2)
     return dropped
 
 

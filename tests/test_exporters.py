@@ -200,6 +200,16 @@ def test_stale_trace_records_are_dropped_before_saving(tmp_path):
     np.testing.assert_allclose(r.runner(_sample()), model(paddle().to_tensor(_sample())).numpy(), atol=1e-4)
 
 
+def test_the_trace_record_workaround_warns_when_paddle_moved_the_records(monkeypatch):
+    from paddle.jit.dy2static.program_translator import ProgramTranslator
+
+    translator = ProgramTranslator.get_instance()
+    monkeypatch.setattr(translator, "_params_recorder", None)
+    monkeypatch.setattr(translator, "_inplace_map", None)
+    with pytest.warns(UserWarning, match="forget_stale_trace_records"):
+        assert forget_stale_trace_records() == 0
+
+
 def test_a_narrower_model_exports_smaller_files_by_about_its_parameter_ratio(tmp_path):
     from slimrecipe.models.vision import tiny_cnn
 
