@@ -9,7 +9,8 @@ PaddleSlim only runs on Paddle 2.6, so this runs in a Paddle 2.6.2 environment w
 For each model (ResNet-18, MobileNetV2, MobileNetV3-large, the det_mv3 DB detector) it measures:
 
 - reach: how many convolutions each pruner can prune, and the share of FLOPs it removes when every one of them
-  loses ``--ratio`` of its output channels (PaddleSlim: each convolution tried on its own first, then all those
+  loses ``--ratio`` of its output channels (both counted by slimrecipe's FLOPs counter; PaddleSlim's own count
+  is in the JSON too) (PaddleSlim: each convolution tried on its own first, then all those
   it accepted at once; slimrecipe: every prunable channel group, the first convolution included);
 - agreement: where both can prune a convolution, PaddleSlim prunes it alone and slimrecipe then removes exactly
   the channels PaddleSlim removed; the two pruned models must give the same output;
@@ -90,6 +91,7 @@ def _describe(error: Exception) -> str:
 def paddleslim_side(name, size, ratio, x):
     from slimrecipe.paddle_env import paddle
     from slimrecipe.paddle_env import paddleslim as get_slim
+    from slimrecipe.pruning import count_flops
 
     slim = get_slim()
     shape = [1, 3, size, size]
@@ -116,17 +118,19 @@ def paddleslim_side(name, size, ratio, x):
     model = build(name, size)
     names = conv_weights(model)
     t0 = time.perf_counter()
-    cut, error = None, None
+    cut, cut_paddleslim_counter, error = None, None, None
     try:
         pruner = slim.dygraph.L1NormFilterPruner(model, shape)
         pruner.prune_vars({names[s]: ratio for s in accepted}, axis=0)
         output(model, x)
-        cut = 1 - slim.analysis.dygraph_flops(model, shape) / flops0
+        cut_paddleslim_counter = 1 - slim.analysis.dygraph_flops(model, shape) / flops0
+        cut = 1 - count_flops(model, shape) / count_flops(base, shape)
     except Exception as e:  # noqa: BLE001
         error = _describe(e)
     t_all = time.perf_counter() - t0
     paddle()
-    return {"convs": len(weights), "prunable_convs": len(accepted), "flops_cut": cut, "error_pruning_all": error,
+    return {"convs": len(weights), "prunable_convs": len(accepted), "flops_cut": cut,
+            "flops_cut_by_paddleslims_counter": cut_paddleslim_counter, "error_pruning_all": error,
             "seconds_trying_each": round(t_single, 2), "seconds_pruning_all": round(t_all, 2)}, single
 
 
