@@ -15,6 +15,11 @@ SCHEMA = {
         "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm", "taylor"], "default": "l1_norm",
                       "description": "which channels of a group go first, scored over every tensor of the group "
                                      "(taylor: first-order Taylor |w * grad| over `taylor_batches` training batches)"},
+        "backend": {"enum": ["slimrecipe", "paddleslim"], "default": "slimrecipe",
+                    "description": "who picks each group's channels: slimrecipe's own criteria, or PaddleSlim's "
+                                   "L1NormFilterPruner on the group's leading convolution, to reproduce a "
+                                   "PaddleSlim workflow (Paddle 2.6 only; the `paddleslim` extra). Either way the "
+                                   "plan records the channels removed and slimrecipe's surgery applies it"},
         "taylor_batches": {"type": "integer", "minimum": 1, "default": 4,
                            "description": "training batches (of train.batch_size or 8) for the taylor criterion"},
         "target": {
@@ -49,6 +54,8 @@ def prune(state, params: dict) -> dict:
     model = state.model
     shape = state.input_shape
     criterion = params["criterion"]
+    if params["backend"] == "paddleslim":
+        _check_paddleslim_backend(criterion)
     align = params["align"]
     target = params["target"]
     sens_file = state.run_dir / "sensitivity.json"
@@ -75,6 +82,8 @@ def prune(state, params: dict) -> dict:
     write_json(state.run_dir / "plan.json", plan)  # written before pruning: a failed prune leaves its plan
 
     before = state.measure(model)
+    if params["backend"] == "paddleslim":
+        plan = paddleslim_choices(model, shape, plan, groups)
     taylor = _taylor_scores(state, model, params["taylor_batches"]) if criterion == "taylor" else None
     plan = apply_plan(model, shape, plan, taylor=taylor)
     write_json(state.run_dir / "plan.json", plan)  # now with the channels each group lost
@@ -89,6 +98,63 @@ def prune(state, params: dict) -> dict:
             "params": after["params"], "flops_cut": 1 - after["flops"] / before["flops"],
             "target": target, "achieved_flops_cut_planned": achieved, "plan_summary": summary,
             "checkpoint": state.set_model(model, weights, plan=plan)}
+
+
+def _check_paddleslim_backend(criterion: str) -> None:
+    from ..paddle_env import paddle, paddleslim
+
+    version = paddle().__version__
+    if not version.startswith("2.6"):
+        raise RecipeError(f"PaddleSlim 2.6, its last release, fails on Paddle {version} (its pruner traces "
+                          "through static-graph internals that Paddle 3 removed); this backend needs Paddle 2.6.2: "
+                          "pip install 'slimrecipe[paddle26,paddleslim]', or use backend: slimrecipe",
+                          path="prune.backend")
+    if criterion != "l1_norm":
+        raise RecipeError(f"the paddleslim backend prunes by PaddleSlim's L1 norm; got criterion {criterion!r}",
+                          path="prune.criterion")
+    paddleslim()  # not installed: a message naming the extra
+
+
+def paddleslim_choices(model, shape, plan: dict, groups) -> dict:
+    """The plan with each group's ``removed`` channels as PaddleSlim's L1NormFilterPruner picks them when it
+    prunes the group's leading convolution (on a copy of the model) to the plan's channel count. A group
+    PaddleSlim cannot prune (a concat-fed or transposed convolution, say) stays whole, with PaddleSlim's error as
+    its rule. The model itself is untouched: slimrecipe's surgery applies the plan."""
+    import copy
+
+    import numpy as np
+
+    from ..paddle_env import paddleslim
+
+    slim = paddleslim()
+    full = [1, *shape]
+    leaders = {g.name for g in groups if g.prunable}
+    out = copy.deepcopy(plan)
+    for name, item in out["params"].items():
+        cut = item["channels_before"] - item["channels_after"]
+        if not cut or name not in leaders:
+            continue
+        trial = copy.deepcopy(model)
+        weight = dict(trial.named_parameters())[name]
+        before = weight.numpy().copy()
+        try:
+            pruner = slim.dygraph.L1NormFilterPruner(trial, full)
+            # PaddleSlim removes round(ratio * channels): exactly `cut`
+            pruner.prune_vars({weight.name: cut / item["channels_before"]}, axis=0)
+        except Exception as e:  # noqa: BLE001 -- PaddleSlim's refusal is the outcome, recorded in the plan
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            item.update(ratio=0.0, channels_after=item["channels_before"], rule=f"prune.backend paddleslim: {first}")
+            continue
+        after = dict(trial.named_parameters())[name].numpy()
+        kept, j = [], 0
+        for i in range(before.shape[0]):
+            if j < after.shape[0] and np.array_equal(before[i], after[j]):
+                kept.append(i)
+                j += 1
+        removed = sorted(set(range(before.shape[0])) - set(kept))
+        item.update(removed=removed, channels_after=item["channels_before"] - len(removed),
+                    ratio=len(removed) / item["channels_before"], rule=f"{item['rule']} (channels: paddleslim)")
+    return out
 
 
 def _taylor_scores(state, model, n_batches: int) -> dict:
