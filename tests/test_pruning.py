@@ -648,7 +648,13 @@ def test_paddleslim_backend_prunes_the_channels_paddleslim_prunes():
 
     if not P().__version__.startswith("2.6"):
         pytest.skip(f"PaddleSlim runs on Paddle 2.6 only; this is {P().__version__}")
-    slim = pytest.importorskip("paddleslim", reason="the paddleslim extra is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("paddleslim") is None:
+        pytest.skip("the paddleslim extra is not installed")
+    from slimrecipe.paddle_env import paddleslim
+
+    slim = paddleslim()  # installed but broken: this fails, it does not skip
     P().seed(0)
     model = build()
     model.eval()
