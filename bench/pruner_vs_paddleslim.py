@@ -73,16 +73,6 @@ def output(model, x):
     return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
 
 
-def removed_rows(before: np.ndarray, after: np.ndarray) -> list[int]:
-    """Which output channels (rows) of ``before`` are missing from ``after`` (rows kept in order)."""
-    kept, j = [], 0
-    for i in range(before.shape[0]):
-        if j < after.shape[0] and np.array_equal(before[i], after[j]):
-            kept.append(i)
-            j += 1
-    return sorted(set(range(before.shape[0])) - set(kept))
-
-
 def _describe(error: Exception) -> str:
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
@@ -92,6 +82,7 @@ def paddleslim_side(name, size, ratio, x):
     from slimrecipe.paddle_env import paddle
     from slimrecipe.paddle_env import paddleslim as get_slim
     from slimrecipe.pruning import count_flops
+    from slimrecipe.stages.prune import removed_rows
 
     slim = get_slim()
     shape = [1, 3, size, size]

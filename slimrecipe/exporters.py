@@ -73,10 +73,12 @@ class ExportResult:
 class Runner:
     """A reloaded model as ``np.ndarray -> np.ndarray`` (its first output); ``run_all`` returns every output."""
 
-    def __init__(self, run_all: Callable[[np.ndarray], list[np.ndarray]], target: str, threads: int):
+    def __init__(self, run_all: Callable[[np.ndarray], list[np.ndarray]], target: str, threads: int,
+                 output_names: list[str] | None = None):
         self.run_all = run_all
         self.target = target
         self.threads = threads
+        self.output_names = output_names or []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run_all(x)[0]
@@ -306,12 +308,15 @@ def onednn_cannot_place(model_file: Path) -> bool:
 
 
 def paddle_predictor(model_file: Path, params_file: Path, threads: int = 1, mkldnn: bool = True,
-                     int8: bool = False) -> Runner:
-    """A Paddle Inference CPU predictor for a saved model, as a :class:`Runner` (``int8``: oneDNN int8 kernels)."""
+                     int8: bool = False, ir_optim: bool = True) -> Runner:
+    """A Paddle Inference CPU predictor for a saved model, as a :class:`Runner` (``int8``: oneDNN int8 kernels;
+    ``ir_optim=False``: run the graph as stored, without Paddle's fusing passes)."""
     p = paddle()
     config = p.inference.Config(str(model_file), str(params_file))
     config.disable_gpu()
     config.disable_glog_info()
+    if not ir_optim:
+        config.switch_ir_optim(False)
     config.set_cpu_math_library_num_threads(threads)
     if mkldnn:
         config.enable_mkldnn()
@@ -334,7 +339,7 @@ def paddle_predictor(model_file: Path, params_file: Path, threads: int = 1, mkld
         predictor.run()
         return [h.copy_to_cpu() for h in out_handles]
 
-    return Runner(run_all, "paddle_inference", threads)
+    return Runner(run_all, "paddle_inference", threads, predictor.get_output_names())
 
 
 def _publish(target: str, out_dir: Path, build: Callable[[Path], tuple[Runner, dict, dict]]) -> ExportResult:

@@ -155,30 +155,17 @@ def _signed64(value: int) -> int:
 
 def parse_tensor_desc(message: bytes) -> tuple[int, list[int]]:
     """(VarType code, dims) of a serialised ``VarType.TensorDesc`` protobuf: field 1 data_type, field 2 dims."""
-    data_type, dims, position = None, [], 0
-    while position < len(message):
-        tag, position = _varint(message, position)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value, position = _varint(message, position)
-            if field == 1:
-                data_type = value
-            elif field == 2:
-                dims.append(_signed64(value))
-        elif wire == 2:
-            length, position = _varint(message, position)
-            payload, position = message[position:position + length], position + length
-            if field == 2:  # packed dims
-                inner = 0
-                while inner < len(payload):
-                    value, inner = _varint(payload, inner)
-                    dims.append(_signed64(value))
-        elif wire == 1:
-            position += 8
-        elif wire == 5:
-            position += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+    data_type, dims = None, []
+    for field, wire, value in _fields(message):
+        if field == 1 and wire == 0:
+            data_type = value
+        elif field == 2 and wire == 0:
+            dims.append(_signed64(value))
+        elif field == 2 and wire == 2:  # packed dims
+            inner = 0
+            while inner < len(value):
+                dim, inner = _varint(value, inner)
+                dims.append(_signed64(dim))
     if data_type is None:
         raise ValueError("tensor description without a data type")
     return data_type, dims
@@ -514,6 +501,7 @@ def check_against_predictor(model, model_dir: str | Path, images, tolerance: flo
     ``images`` is a float32 array [N, C, H, W]. Raises StageError naming the output when the difference
     exceeds ``tolerance``.
     """
+    from ..exporters import paddle_predictor
     from ..paddle_env import paddle
 
     p = paddle()
@@ -521,23 +509,10 @@ def check_against_predictor(model, model_dir: str | Path, images, tolerance: flo
     if model_file is None:
         raise StageError(f"no inference model (.pdmodel/.json + .pdiparams) found at {model_dir}")
     batch = np.ascontiguousarray(images, dtype=np.float32)
-    config = p.inference.Config(str(model_file), str(model_file.with_suffix(".pdiparams")))
-    config.disable_gpu()
-    config.switch_ir_optim(False)  # compare the graph as stored, not a fused rewrite of it
-    config.disable_glog_info()
-    if hasattr(config, "disable_mkldnn"):
-        # oneDNN kernels cannot run every PIR attribute (Paddle 3.3: interpolate's scale list); plain CPU ones can
-        config.disable_mkldnn()
-    predictor = p.inference.create_predictor(config)
-    input_names = predictor.get_input_names()
-    if len(input_names) != 1:
-        raise StageError(f"{model_file} has {len(input_names)} inputs ({input_names}); expected one image input")
-    handle = predictor.get_input_handle(input_names[0])
-    handle.reshape(list(batch.shape))
-    handle.copy_from_cpu(batch)
-    predictor.run()
-    output_name = predictor.get_output_names()[0]
-    reference = predictor.get_output_handle(output_name).copy_to_cpu()
+    # the graph as stored (no fused rewrite), on plain CPU kernels (oneDNN cannot run every PIR attribute)
+    predictor = paddle_predictor(model_file, model_file.with_suffix(".pdiparams"), mkldnn=False, ir_optim=False)
+    reference = predictor(batch)
+    output_name = predictor.output_names[0]
 
     was_training = model.training
     model.eval()

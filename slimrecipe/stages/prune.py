@@ -122,8 +122,6 @@ def paddleslim_choices(model, shape, plan: dict, groups) -> dict:
     its rule. The model itself is untouched: slimrecipe's surgery applies the plan."""
     import copy
 
-    import numpy as np
-
     from ..paddle_env import paddleslim
 
     slim = paddleslim()
@@ -145,16 +143,22 @@ def paddleslim_choices(model, shape, plan: dict, groups) -> dict:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             item.update(ratio=0.0, channels_after=item["channels_before"], rule=f"prune.backend paddleslim: {first}")
             continue
-        after = dict(trial.named_parameters())[name].numpy()
-        kept, j = [], 0
-        for i in range(before.shape[0]):
-            if j < after.shape[0] and np.array_equal(before[i], after[j]):
-                kept.append(i)
-                j += 1
-        removed = sorted(set(range(before.shape[0])) - set(kept))
+        removed = removed_rows(before, dict(trial.named_parameters())[name].numpy())
         item.update(removed=removed, channels_after=item["channels_before"] - len(removed),
                     ratio=len(removed) / item["channels_before"], rule=f"{item['rule']} (channels: paddleslim)")
     return out
+
+
+def removed_rows(before, after) -> list[int]:
+    """Which rows (output channels) of weight ``before`` are missing from ``after``, whose rows kept their order."""
+    import numpy as np
+
+    kept, j = set(), 0
+    for i in range(before.shape[0]):
+        if j < after.shape[0] and np.array_equal(before[i], after[j]):
+            kept.add(i)
+            j += 1
+    return sorted(set(range(before.shape[0])) - kept)
 
 
 def _taylor_scores(state, model, n_batches: int) -> dict:
