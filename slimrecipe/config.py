@@ -295,6 +295,9 @@ def _stage_order_problems(recipe: dict) -> list[Problem]:
                 continue
             if need not in stages[:i]:
                 problems.append(Problem(f"stages[{i}]", f"stage {name!r} needs {need!r} to run before it"))
+    if "ptq" in stages and "qat" in stages:
+        problems.append(Problem(f"stages[{stages.index('ptq')}]", "a recipe quantizes with ptq or with qat, not "
+                                "both: ptq calibrates a float model, qat trains one with quantization"))
     return problems
 
 

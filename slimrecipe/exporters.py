@@ -38,7 +38,8 @@ class ExportContext:
     dynamic_hw: bool  # export H and W as unknown dims (text detection takes any size)
     sample: np.ndarray  # float32 [N, C, H, W], the parity batch
     out_dir: Path
-    quanter: Any = None  # the paddleslim QAT object the model was quantized with, else None
+    quanter: Any = None  # the QAT quanter the model was quantized with, else None
+    ptq: dict | None = None  # the `ptq` stage's record (onnxruntime int8: ranges, layers kept float), else None
 
     def input_spec(self):
         p = paddle()
@@ -127,6 +128,10 @@ PADDLE_INT8_NOTE = (
     "the float export); oneDNN int8 (onednn_int8: true) ran faster but did not reproduce the model, so the "
     "parity check refuses it. The fastest measured int8 artifact is the onnx target (QDQ, onnxruntime "
     "QLinearConv: 1.6x faster than onnxruntime float)."
+)
+PADDLE_PTQ_NOTE = (
+    "the ptq stage made an int8 model for onnxruntime (the onnx target); this Paddle Inference export is the "
+    "float model it was made from"
 )
 PADDLE3_INT8_FALLBACK_NOTE = (
     "Paddle 3 could not save this quantized model as an int8 Paddle Inference program ({error}): under PIR its "
@@ -387,7 +392,7 @@ def export_paddle_inference(params: dict, ctx: ExportContext) -> ExportResult:
     target = "paddle_inference"
 
     def build(staging: Path):
-        note = PADDLE_INT8_NOTE if quantized else None
+        note = PADDLE_INT8_NOTE if quantized else (PADDLE_PTQ_NOTE if ctx.ptq else None)
         expected, extra = reference, {}
         try:
             model_file, params_file = _save_paddle(ctx, staging / MODEL_PREFIX)
@@ -755,6 +760,7 @@ def export_onnx(params: dict, ctx: ExportContext) -> ExportResult:
     """ONNX model via paddle2onnx (QDQ form for a quantized model), reloaded by onnxruntime and checked."""
     prm = _with_defaults(params, ONNX_SCHEMA)
     x = ctx.checked_sample()
+    ptq = ctx.ptq is not None and ctx.quanter is None
     quantized = ctx.quanter is not None
     if quantized and not ctx.quanter.onnx_format:
         raise StageError("the onnx exporter needs a model quantized with onnx_format: true (QDQ ops); "
@@ -774,42 +780,75 @@ def export_onnx(params: dict, ctx: ExportContext) -> ExportResult:
 
     def build(staging: Path):
         onnx_file = staging / f"{MODEL_PREFIX}.onnx"
-        inserted = None
-        with tempfile.TemporaryDirectory(prefix="slimrecipe-onnx-src-") as tmp:
-            prefix = Path(tmp) / MODEL_PREFIX
-            if quantized:
-                # paddle2onnx 2.x maps only fp8 quantize_linear (int8 aborts the process): export the float twin
-                # and put the quantization back as ONNX QDQ nodes ourselves, the same way on 1.x
-                from .qat import float_twin
-
-                twin, layers = float_twin(ctx.model, ctx.quanter)
-                model_file, params_file = _save_paddle(ctx, prefix, model=twin)
-            else:
-                model_file, params_file = _save_paddle(ctx, prefix)
-            model_bytes = _paddle2onnx(model_file, params_file, prm["opset"])
+        inserted = ptq_facts = None
         if quantized:
-            proto = onnx.load_from_string(model_bytes)
+            # paddle2onnx 2.x maps only fp8 quantize_linear (int8 aborts the process): export the float twin
+            # and put the quantization back as ONNX QDQ nodes ourselves, the same way on 1.x
+            from .qat import float_twin
+
+            twin, layers = float_twin(ctx.model, ctx.quanter)
+            proto = onnx.load_from_string(float_onnx_bytes(ctx, prm["opset"], model=twin))
             inserted = insert_qdq(proto, layers)
-            model_bytes = proto.SerializeToString()
-        write_bytes(onnx_file, model_bytes)
+            write_bytes(onnx_file, proto.SerializeToString())
+        elif ptq:
+            ptq_facts = _ptq_onnx(ctx, prm["opset"], onnx_file)
+        else:
+            write_bytes(onnx_file, float_onnx_bytes(ctx, prm["opset"]))
         op_counts, opset = _onnx_facts(onnx_file)
         qdq = {op: op_counts.get(op, 0) for op in _QDQ_OPS}
         has_qdq = all(qdq.values())
-        if quantized and prm["require_qdq"] and not has_qdq:
+        int8 = quantized or ptq
+        if int8 and prm["require_qdq"] and not has_qdq:
             raise StageError(f"the ONNX export of the quantized model has no QDQ pairs ({qdq}); "
                              "onnxruntime would run it in float")
-        runner, kernels = onnx_session(onnx_file, threads=prm["threads"], record_kernels=quantized)
-        parity = check_parity(target, reference, runner.run_all(x), quantized=quantized,
-                              **_tolerances(prm, quantized))
+        runner, kernels = onnx_session(onnx_file, threads=prm["threads"], record_kernels=int8)
+        got = runner.run_all(x)
+        parity = check_parity(target, reference, got, quantized=int8, **_tolerances(prm, int8))
         details = {"threads": prm["threads"], "opset_requested": prm["opset"], "opset": opset,
-                   "input_name": INPUT_NAME, "dynamic_hw": ctx.dynamic_hw, "quantized": quantized,
+                   "input_name": INPUT_NAME, "dynamic_hw": ctx.dynamic_hw, "quantized": int8,
                    "model_file": onnx_file.name, "qdq_nodes": qdq, "has_qdq": has_qdq,
                    "ort_int8_kernels": kernels}
         if inserted is not None:
             details["qdq_inserted"] = inserted
+        if ptq_facts is not None:
+            details["ptq"] = {**ptq_facts, **_same_as_measured(ctx, got, x)}
         return runner, parity, details
 
     return _publish(target, ctx.out_dir, build)
+
+
+def float_onnx_bytes(ctx: ExportContext, opset: int, model=None) -> bytes:
+    """The float model (``model``, else the context's) as ONNX bytes, through a Paddle inference save."""
+    with tempfile.TemporaryDirectory(prefix="slimrecipe-onnx-src-") as tmp:
+        model_file, params_file = _save_paddle(ctx, Path(tmp) / MODEL_PREFIX, model=model)
+        return _paddle2onnx(model_file, params_file, opset)
+
+
+def _ptq_onnx(ctx: ExportContext, opset: int, onnx_file: Path) -> dict:
+    """The `ptq` stage's int8 model made again from the float export: same pre-processing, the ranges it
+    calibrated, the layers it left in float."""
+    from . import ptq as ptq_mod
+
+    rec = ctx.ptq
+    with tempfile.TemporaryDirectory(prefix="slimrecipe-ptq-export-") as tmp:
+        prepared = ptq_mod.prepare(float_onnx_bytes(ctx, opset), Path(tmp) / "prepared.onnx")
+        ptq_mod.quantize(prepared, Path(rec["ranges"]), ptq_mod.Settings.from_json(rec["settings"]), onnx_file,
+                         exclude=rec["float_layers"])
+    return {"calibration_ranges": str(rec["ranges"]), "float_layers": list(rec["float_layers"]),
+            "settings": rec["settings"]}
+
+
+def _same_as_measured(ctx: ExportContext, got: list[np.ndarray], x: np.ndarray) -> dict:
+    """The exported int8 model must compute what the `ptq` stage measured: same outputs on the parity batch."""
+    measured = Path(ctx.ptq["measured_model"])
+    if not measured.is_file():
+        raise StageError(f"the int8 model the ptq stage measured is gone ({measured}); run the ptq stage again")
+    want = onnx_session(measured)[0].run_all(x)
+    diff = max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0 for a, b in zip(want, got))
+    if diff > 1e-5:
+        raise StageError(f"the exported int8 model differs from the one the ptq stage measured ({measured}): "
+                         f"max abs diff {diff:.3g} on the parity batch")
+    return {"measured_model": str(measured), "max_abs_diff_vs_measured": diff}
 
 
 LATENCY_RESERVED = ("setup", "threads")

@@ -30,6 +30,7 @@ BUILTIN_MODULES = (
     "slimrecipe.stages.prune",
     "slimrecipe.stages.finetune",
     "slimrecipe.stages.qat",
+    "slimrecipe.stages.ptq",
     "slimrecipe.stages.export",
     "slimrecipe.exporters",
     "slimrecipe.stages.report",

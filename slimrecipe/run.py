@@ -37,6 +37,7 @@ class RunState:
         self.plan: dict | None = None
         self.quant_config: dict | None = None
         self.quanter = None
+        self.ptq: dict | None = None  # the `ptq` stage's record, with its files' paths made absolute
         self._model = None
         self._data = None
         self._metric = None
@@ -175,6 +176,11 @@ class RunState:
             self.quant_config = ckpt.get("quant_config")
             if from_disk:
                 self._model = None  # rebuilt on demand: plan re-applied, weights loaded
+        if result.get("ptq"):
+            rec = dict(result["ptq"])
+            for key in ("ranges", "measured_model"):
+                rec[key] = str(self.run_dir / rec[key])
+            self.ptq = rec
         for label, path in (result.get("inputs") or {}).items():
             self.inputs[label] = path
 

@@ -49,14 +49,18 @@ def export(state, params: dict) -> dict:
     lat = params["latency"]
     lat_x = sample[: lat["batch_size"]]
     baseline = state.baseline_model() if params["compare_baseline"] else None
-    pruned_float = _float_pruned_model(state) if params["float_reference"] and state.quanter else None
+    pruned_float = None
+    if params["float_reference"] and state.quanter:
+        pruned_float = _float_pruned_model(state)
+    elif params["float_reference"] and state.ptq and state.plan:
+        pruned_float = model  # ptq leaves the weights alone: the float pruned model is the current one
     out = {"targets": {}}
     for name, target_params in params["targets"].items():
         plugin = registry.get("exporter", name, f"export.targets.{name}")
         target_params = target_params or {}
         dyn = params["dynamic_hw"]
         res = plugin.obj(target_params, ExportContext(model, state.input_shape, dyn, sample,
-                                                      state.run_dir / "export", state.quanter))
+                                                      state.run_dir / "export", state.quanter, state.ptq))
         entry = {"compressed": res.to_json()}
         runners = {"compressed": res.runner}
         if baseline is not None:

@@ -14,7 +14,8 @@ SCHEMA = {"type": "object", "additionalProperties": False,
                                                        "(report_detections.png)"}}}
 
 # stage name -> row label, in the order a model moves through a recipe
-PHASES = (("evaluate", "baseline"), ("prune", "pruned"), ("finetune", "finetuned"), ("qat", "quantized (QAT)"))
+PHASES = (("evaluate", "baseline"), ("prune", "pruned"), ("finetune", "finetuned"), ("qat", "quantized (QAT)"),
+          ("ptq", "int8 (PTQ)"))
 
 
 def collect(state) -> dict:
@@ -35,7 +36,7 @@ def collect(state) -> dict:
     exports = (state.results.get("export") or {}).get("targets", {})
     plan = (state.results.get("prune") or {}).get("plan_summary")
     return {"recipe": state.recipe["name"], "metric_name": state.metric.name, "phases": rows, "exports": exports,
-            "plan": plan, "run_dir": str(state.run_dir),
+            "plan": plan, "ptq": _ptq_summary(state.results.get("ptq")), "run_dir": str(state.run_dir),
             "seconds": {k: v.get("seconds") for k, v in state.results.items()}}
 
 
@@ -73,8 +74,41 @@ def render_markdown(rep: dict) -> str:
         p = rep["plan"]
         lines += ["", "## Pruning plan", "", f"{p['pruned']} of {p['prunable']} prunable convolutions pruned, "
                   f"{p['skipped']} skipped (see plan.json for the rule behind each)."]
+    if rep.get("ptq"):
+        lines += ["", *_ptq_lines(rep["ptq"], m)]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["seconds"].items() if v is not None)]
     return "\n".join(lines) + "\n"
+
+
+def _ptq_summary(r: dict | None) -> dict | None:
+    if not r:
+        return None
+    keys = ("runtime", "settings", "metric_float", "metric", "loss", "max_metric_loss", "met", "message", "rounds",
+            "chosen_round", "float_layers", "quantizable_layers")
+    return {k: r.get(k) for k in keys} | {"calibration_images": r["calibration"]["images"]}
+
+
+def _ptq_lines(p: dict, m: str) -> list[str]:
+    s = p["settings"]
+    budget = "no budget (every layer int8)" if p["max_metric_loss"] is None else (
+        f"budget {p['max_metric_loss']:g}: " + ("met" if p["met"] else "NOT met, closest kept"))
+    lines = ["## Post-training int8 (accuracy control)", "",
+             f"{p['runtime']}, calibrated on {p['calibration_images']} training images ({s['method']}), weights "
+             f"{'per channel' if s['per_channel'] else 'per tensor'}, activations {s['activation_type']} per tensor; "
+             f"{p['quantizable_layers']} quantizable layers; {m} of the float model {p['metric_float']:.4f}; {budget}.",
+             "", f"| round | layers in float | {m} | loss |", "|---|---|---|---|"]
+    for r in p["rounds"]:
+        mark = " (delivered)" if r["round"] == p["chosen_round"] else ""
+        lines.append(f"| {r['round']}{mark} | {len(r['float_layers'])} | {r['metric']:.4f} | {r['loss']:+.4f} |")
+    if p["float_layers"]:
+        lines += ["", "Layers kept in float (most sensitive first; SQNR of the outputs with that layer alone int8):", ""]
+        for layer in p["float_layers"]:
+            db = layer.get("sqnr_db")
+            lines.append(f"- `{layer.get('param') or layer['weight'] or layer['node']}` ({layer['op']}, node "
+                         f"`{layer['node']}`{f', {db:.1f} dB' if db is not None else ''})")
+    if p.get("message"):
+        lines += ["", p["message"]]
+    return lines
 
 
 def summary_table(rep: dict) -> str:

@@ -1,0 +1,190 @@
+"""`ptq`: post-training int8 quantization of the current float model for onnxruntime, with accuracy control.
+
+The stage calibrates on training images, quantizes (QDQ: weights per channel, activations per tensor),
+measures the int8 model with the recipe's metric on the validation split, and, when `max_metric_loss` is set
+and exceeded, returns the most sensitive layers to float round by round. It leaves the model's weights alone:
+the `export` stage's `onnx` target rebuilds this very int8 model from the recorded ranges and float layers and
+checks that it computes what was measured here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StageError
+from ..fileio import sha256_file
+from ..registry import register
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "runtime": {"enum": ["onnxruntime"], "default": "onnxruntime",
+                    "description": "the runtime the int8 model is made for (onnxruntime.quantization, QDQ)"},
+        "calibration": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "images": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 32,
+                           "description": "training images the activation ranges are measured on (drawn by seed)"},
+                "method": {"enum": ["minmax", "percentile", "entropy"], "default": "minmax",
+                           "description": "activation range: the extremes seen, a percentile of |x|, or the "
+                                          "range that keeps the histogram's entropy (KL divergence)"},
+                "percentile": {"type": "number", "exclusiveMinimum": 90, "maximum": 100, "default": 99.999,
+                               "description": "method percentile: the percentile of |x| taken as the range"},
+            },
+            "default": {},
+        },
+        "per_channel": {"type": "boolean", "default": True, "description": "one weight scale per output channel"},
+        "activation_type": {"enum": ["uint8", "int8"], "default": "uint8",
+                            "description": "activations' int8 type (uint8: onnxruntime's choice for x86 CPUs)"},
+        "reduce_range": {"type": "boolean", "default": False,
+                         "description": "7-bit weights, for x86 CPUs without VNNI that saturate 8-bit sums"},
+        "op_types": {"type": "array", "minItems": 1, "uniqueItems": True,
+                     "items": {"enum": ["Conv", "ConvTranspose", "MatMul", "Gemm"]},
+                     "default": ["Conv", "ConvTranspose", "MatMul", "Gemm"],
+                     "description": "ONNX op types quantized (their weights and inputs)"},
+        "max_metric_loss": {"type": ["number", "null"], "minimum": 0, "default": None,
+                            "description": "largest metric loss of the int8 model against the float model it "
+                                           "comes from (0.01: one point); while it is exceeded, the most "
+                                           "sensitive layers go back to float. null: quantize every layer"},
+        "max_rounds": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5,
+                       "description": "rounds of returning layers to float before giving up (closest kept)"},
+        "layers_per_round": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 2,
+                             "description": "layers returned to float per round, most sensitive first"},
+        "probe_images": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 8,
+                         "description": "calibration images the per-layer error is measured on"},
+        "dynamic_hw": {"type": "boolean", "default": False,
+                       "description": "free height and width in the ONNX model (detectors evaluate any size)"},
+        "opset": {"type": "integer", "minimum": 13, "maximum": 17, "default": 13,
+                  "description": "ONNX opset of the float export (per-channel QDQ needs 13 or more)"},
+    },
+}
+
+
+@register("stage", "ptq", schema=SCHEMA)
+def ptq(state, params: dict) -> dict:
+    """Calibrate, quantize, measure; hand sensitive layers back to float while the loss exceeds the budget."""
+    from .. import ptq as lib
+    from ..exporters import ExportContext, float_onnx_bytes
+    from ..pruning import count_flops, count_params
+
+    if state.quanter is not None:
+        raise StageError("ptq quantizes a float model; this one was quantized by qat already "
+                         "(a recipe runs ptq or qat, not both)")
+    sdir = state.stage_dir
+    model = state.model
+    model.eval()
+    settings = lib.Settings(method=params["calibration"].get("method", "minmax"),
+                            percentile=params["calibration"].get("percentile", 99.999),
+                            per_channel=params["per_channel"], activation_type=params["activation_type"],
+                            reduce_range=params["reduce_range"], op_types=tuple(params["op_types"]))
+    images, indices = calibration_images(state.data.train, params["calibration"].get("images", 32), state.seed)
+    ctx = ExportContext(model, state.input_shape, params["dynamic_hw"], images[:1], sdir)
+    prepared = lib.prepare(float_onnx_bytes(ctx, params["opset"]), sdir / "model.float.onnx")
+    layers = lib.quantizable_layers(prepared, settings.op_types)
+    if not layers:
+        raise StageError(f"the model has no {'/'.join(settings.op_types)} layer to quantize (ptq.op_types)")
+    names = _param_names(model)
+    for layer in layers:
+        layer["param"] = _param_for(layer["weight"], names)
+    print(f"  calibrating {len(layers)} layers on {len(images)} training images ({settings.method})")
+    ranges = lib.calibrate(prepared, images, settings, sdir / "calibration.json")
+
+    threads = lib.threads_for_evaluation()
+    float_metric = state.evaluate(RuntimeModel(lib.session(prepared, threads)))
+
+    def measure(float_layers: list[str]) -> float:
+        with tempfile.TemporaryDirectory(prefix="slimrecipe-ptq-round-") as tmp:
+            f = lib.quantize(prepared, ranges, settings, Path(tmp) / "int8.onnx", exclude=float_layers)
+            return state.evaluate(RuntimeModel(lib.session(f, threads)))
+
+    ranking: list[dict] = []
+
+    def rank() -> list[str]:
+        probe = images[: params["probe_images"]]
+        print(f"  measuring each layer's int8 error on {len(probe)} calibration images")
+        ranking.extend(lib.layer_sensitivity(prepared, ranges, settings, layers, probe, threads=threads))
+        return [r["node"] for r in ranking]
+
+    ctl = lib.accuracy_control(measure, float_metric, rank, max_loss=params["max_metric_loss"],
+                               max_rounds=params["max_rounds"], per_round=params["layers_per_round"],
+                               higher_is_better=state.metric.higher_is_better)
+    if ctl.message:
+        print(f"  {ctl.message}")
+    chosen = ctl.rounds[ctl.chosen]
+    delivered = lib.quantize(prepared, ranges, settings, sdir / "model.int8.onnx", exclude=chosen.float_layers)
+    by_node = {layer["node"]: layer for layer in (ranking or layers)}
+    print(f"  delivered: {len(chosen.float_layers)} of {len(layers)} layers in float, {state.metric.name} "
+          f"{chosen.metric:.4f} (float {float_metric:.4f})")
+    rel = lambda p: str(Path(p).relative_to(state.run_dir))  # noqa: E731
+    return {
+        "runtime": params["runtime"],
+        "settings": settings.to_json(),
+        "calibration": {"images": len(images), "indices": indices, "seed": state.seed, "ranges_file": rel(ranges),
+                        "ranges_sha256": sha256_file(ranges)},
+        "metric_float": float_metric,
+        "metric": chosen.metric,
+        "loss": chosen.loss,
+        "max_metric_loss": params["max_metric_loss"],
+        "met": ctl.met,
+        "message": ctl.message,
+        "rounds": [dict(r.to_json(), round=i) for i, r in enumerate(ctl.rounds)],
+        "chosen_round": ctl.chosen,
+        "float_layers": [by_node[n] for n in chosen.float_layers],
+        "layer_ranking": ranking,
+        "quantizable_layers": len(layers),
+        "model_file": rel(delivered),
+        "float_model_file": rel(prepared),
+        "size_bytes": {"float": prepared.stat().st_size, "int8": delivered.stat().st_size},
+        "flops": count_flops(model, state.input_shape),
+        "params": count_params(model),
+        "ptq": {"runtime": params["runtime"], "ranges": rel(ranges), "settings": settings.to_json(),
+                "float_layers": list(chosen.float_layers), "measured_model": rel(delivered),
+                "dynamic_hw": params["dynamic_hw"], "opset": params["opset"]},
+    }
+
+
+def calibration_images(train, n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    """``n`` training images (the model input of each sample), drawn without replacement by ``seed``."""
+    if not len(train):
+        raise StageError("ptq calibrates on training images, and the training split is empty")
+    rng = np.random.default_rng([seed, 0x9779])
+    indices = sorted(int(i) for i in rng.choice(len(train), size=min(n, len(train)), replace=False))
+    return [np.asarray(train[i][0], dtype=np.float32) for i in indices], indices
+
+
+def _param_names(model) -> dict[str, str]:
+    """Paddle's internal tensor name (what the ONNX initializers are called) -> the structured parameter name."""
+    return {p.name: name for name, p in model.named_parameters()}
+
+
+def _param_for(weight: str | None, names: dict[str, str]) -> str | None:
+    # onnxruntime's pre-processing renames folded weights with a prefix (ConvBnFusion_W_conv2d_3.w_0)
+    if weight is None:
+        return None
+    return next((v for k, v in names.items() if weight == k or weight.endswith("_" + k)), None)
+
+
+class RuntimeModel:
+    """An exported model behind a dygraph model's call, so that the recipe's own metric can measure it."""
+
+    training = False
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        raise StageError("an exported model cannot be trained")
+
+    def __call__(self, x):
+        from ..paddle_env import paddle
+
+        out = self.runner.run_all(x.numpy() if hasattr(x, "numpy") else np.asarray(x, dtype=np.float32))
+        return paddle().to_tensor(out[0]) if len(out) == 1 else [paddle().to_tensor(o) for o in out]
