@@ -10,6 +10,7 @@ import copy
 import difflib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +25,222 @@ PLUGIN_SECTIONS = ("model", "dataset", "metric")
 
 # --------------------------------------------------------------------------- recipe directories
 
+PACK_ENTRY_POINT_GROUP = "slimrecipe.recipes"
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """One directory on the recipe search path, and where it came from."""
+
+    path: Path
+    kind: str  # "built-in", "pack" or "path" (SLIMRECIPE_RECIPE_PATH)
+    name: str = ""  # the pack's entry point name
+    distribution: str | None = None
+    version: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "built-in":
+            return f"built-in (slimrecipe {self.version or '?'})"
+        if self.kind == "pack":
+            return f"pack {self.name} ({self.distribution or '?'} {self.version or '?'})"
+        return f"{RECIPE_PATH_ENV} {self.path}"
+
+
+def recipe_sources(problems: list[tuple[str, str]] | None = None) -> list[RecipeSource]:
+    """The recipe search path, in Hydra's order (the first directory holding a config wins):
+    the built-in tree, then every installed recipe pack (sorted by entry point name), then every
+    SLIMRECIPE_RECIPE_PATH directory (colon-separated, in the order given).
+
+    A pack whose directory cannot be found is left out; ``(pack label, problem)`` is appended to ``problems``.
+    """
+    sources = [RecipeSource(RECIPES_DIR, "built-in", "slimrecipe", "slimrecipe", _dist_version("slimrecipe"))]
+    sources += _pack_sources(problems)
+    sources += [RecipeSource(Path(p).expanduser().resolve(), "path")
+                for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p]
+    return sources
+
+
 def recipe_dirs() -> list[Path]:
-    """The built-in recipe tree, then every directory named by SLIMRECIPE_RECIPE_PATH (colon-separated)."""
-    extra = [Path(p).expanduser().resolve() for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p]
-    return [RECIPES_DIR, *extra]
+    """The directories of :func:`recipe_sources`, in the same order."""
+    return [s.path for s in recipe_sources()]
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _pack_sources(problems: list[tuple[str, str]] | None) -> list[RecipeSource]:
+    """Installed recipe packs: entry points of group `slimrecipe.recipes` naming a module whose directory holds
+    a recipe tree (recipe/, model/, ... like slimrecipe/recipes). The module is located, never imported."""
+    from importlib import metadata
+
+    found = []
+    for ep in sorted(metadata.entry_points(group=PACK_ENTRY_POINT_GROUP),
+                     key=lambda e: (e.name, e.dist.name if e.dist else "")):
+        dist = ep.dist.name if ep.dist else None
+        version = ep.dist.version if ep.dist else None
+        directory = _module_dir(ep.module)
+        if directory is None or not directory.is_dir():
+            if problems is not None:
+                problems.append((f"pack {ep.name} ({dist or '?'} {version or '?'})",
+                                 f"its `{PACK_ENTRY_POINT_GROUP}` entry point names {ep.value!r}, which is not an "
+                                 f"installed package directory"))
+            continue
+        found.append(RecipeSource(directory, "pack", ep.name, dist, version))
+    return found
+
+
+def _module_dir(module: str) -> Path | None:
+    """The directory of an installed package (or of a plain module), found without running any of its code: a
+    pack's ``__init__`` may import Paddle, and `validate` and `recipes` must not. The top-level package is asked
+    of the import system's finders (editable installs included); below it, directories are looked up."""
+    import sys
+
+    top, *rest = module.split(".")
+    spec = None
+    for finder in sys.meta_path:
+        try:
+            spec = finder.find_spec(top, None) if hasattr(finder, "find_spec") else None
+        except (ImportError, ValueError, AttributeError):
+            spec = None
+        if spec is not None:
+            break
+    if spec is None:
+        return None
+    if spec.submodule_search_locations is None:
+        return Path(spec.origin).parent if spec.origin and not rest else None
+    locations = [Path(p) for p in spec.submodule_search_locations]
+    for part in rest:
+        below = [d / part for d in locations if (d / part).is_dir()]
+        if not below:
+            plain = next((d / f"{part}.py" for d in locations if (d / f"{part}.py").is_file()), None)
+            return plain.parent if plain is not None and part == rest[-1] else None
+        locations = below
+    return locations[0]
 
 
 def searchpath_override() -> list[str]:
-    extra = recipe_dirs()[1:]
-    missing = [d for d in extra if not d.is_dir()]
+    extra = recipe_sources()[1:]
+    missing = [str(s.path) for s in extra if s.kind == "path" and not s.path.is_dir()]
     if missing:
-        raise RecipeError(f"{RECIPE_PATH_ENV} names directories that do not exist: {', '.join(map(str, missing))}")
-    return [f"hydra.searchpath=[{','.join('file://' + str(d) for d in extra)}]"] if extra else []
+        raise RecipeError(f"{RECIPE_PATH_ENV} names directories that do not exist: {', '.join(missing)}")
+    return [f"hydra.searchpath=[{','.join('file://' + str(s.path) for s in extra)}]"] if extra else []
 
 
 def list_recipes() -> list[dict]:
-    """Every recipe under `recipe/` of each recipe directory: name, description, source; shadowed ones marked."""
+    """Every recipe under `recipe/` of each recipe directory, in search-path order: name, description, where it
+    comes from (directory, pack and version); the ones another directory's recipe of the same name hides are
+    marked ``shadowed_by`` (the first on the search path wins), the winner lists what it ``shadows``."""
     import yaml
 
-    seen: dict[str, Path] = {}
+    problems: list[tuple[str, str]] = []
+    sources = recipe_sources(problems)
+    winners: dict[str, dict] = {}
     out = []
-    for root in recipe_dirs():
-        for f in sorted((root / "recipe").rglob("*.yaml")):
-            name = f.relative_to(root / "recipe").with_suffix("").as_posix()
+    for src in sources:
+        for f in sorted((src.path / "recipe").rglob("*.yaml")):
+            name = f.relative_to(src.path / "recipe").with_suffix("").as_posix()
             error = None
             try:
                 doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
             except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
                 doc, error = {}, f"cannot read {f}: {' '.join(str(e).split())}"
-            out.append({
+            winner = winners.get(name)
+            row = {
                 "name": name,
                 "description": str(doc.get("description", "")).strip() if isinstance(doc, dict) else "",
-                "source": str(root),
-                "shadowed_by": str(seen[name]) if name in seen else None,
+                "source": str(src.path),
+                "origin": src.label,
+                "kind": src.kind,
+                "pack": src.name if src.kind == "pack" else None,
+                "distribution": src.distribution,
+                "version": src.version,
+                "validated_on": doc.get("validated_on") if isinstance(doc, dict) else None,
+                "shadowed_by": winner["origin"] if winner else None,
+                "shadows": [],
                 "error": error,
-            })
-            seen.setdefault(name, root)
+            }
+            if winner:
+                winner["shadows"].append(src.label)
+            else:
+                winners[name] = row
+            out.append(row)
+    out += [{"name": f"({label})", "description": "", "source": "", "origin": label, "kind": "pack", "pack": None,
+             "distribution": None, "version": None, "validated_on": None, "shadowed_by": None, "shadows": [],
+             "error": message} for label, message in problems]
     return out
+
+
+# --------------------------------------------------------------------------- what a recipe was validated on
+
+def environment_warnings(recipe: dict) -> list[str]:
+    """Where this environment or the composed recipe differs from the recipe's ``validated_on`` record.
+
+    Package versions come from the installed distributions' metadata (no Paddle import). A declared version
+    matches every release it is a prefix of: "3.3" matches 3.3.1, "3.3.1" only 3.3.1. ``model`` is the model
+    plugin's name, or a part of the `model` section ({name: paddle_vision, params: {arch: resnet18}}) that must
+    still hold.
+    """
+    claims = recipe.get("validated_on")
+    if not isinstance(claims, dict):
+        return []
+    expected = _expectation_text(claims)
+    out = []
+    wanted = dict(claims.get("packages") or {})
+    if claims.get("paddle") is not None:
+        wanted["paddle"] = claims["paddle"]
+    for package, version in wanted.items():
+        names = ("paddlepaddle", "paddlepaddle-gpu") if package in ("paddle", "paddlepaddle") else (package,)
+        installed = next((v for v in map(_dist_version, names) if v), None)
+        if installed is None:
+            out.append(f"validated_on.{package}: validated with {package} {version}, which is not installed here")
+        elif not _version_matches(str(version), installed):
+            out.append(f"validated_on.{package}: validated with {package} {version}, installed is {installed}")
+    if claims.get("python") is not None:
+        import platform
+
+        if not _version_matches(str(claims["python"]), platform.python_version()):
+            out.append(f"validated_on.python: validated with Python {claims['python']}, running "
+                       f"{platform.python_version()}")
+    model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
+    claimed = claims.get("model")
+    if isinstance(claimed, str):
+        claimed = {"name": claimed}
+    for key, value in _flat(claimed if isinstance(claimed, dict) else {}).items():
+        now = _flat(model).get(key)
+        if now != value:
+            out.append(f"validated_on.model: validated with model.{key} {value!r}, this recipe now has {now!r}")
+    if out and expected:
+        out.append(f"the figures it was validated with ({expected}) may not hold here")
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _version_matches(declared: str, installed: str) -> bool:
+    want = declared.strip().split(".")
+    have = installed.strip().split("+")[0].split(".")
+    return have[: len(want)] == want
+
+
+def _expectation_text(claims: dict) -> str:
+    parts = [f"{k} {v}" for k, v in (claims.get("metric") or {}).items()]
+    parts += [f"{k} latency {v} ms" for k, v in (claims.get("latency_ms") or {}).items()]
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- composition
@@ -219,6 +399,7 @@ def validate(recipe: dict, *, check_files: bool = True) -> dict:
     schema = assembled_schema()
     problems = [_problem_from_error(e, schema) for e in _leaf_errors(cls(schema).iter_errors(recipe))]
     problems += _stage_order_problems(recipe)
+    problems += _sensitivity_shard_problems(recipe)
     if problems:
         unique = list(dict.fromkeys(problems))
         raise RecipeError(sorted(unique, key=lambda p: p.path))
@@ -299,6 +480,12 @@ def _stage_order_problems(recipe: dict) -> list[Problem]:
         problems.append(Problem(f"stages[{stages.index('ptq')}]", "a recipe quantizes with ptq or with qat, not "
                                 "both: ptq calibrates a float model, qat trains one with quantization"))
     return problems
+
+
+def _sensitivity_shard_problems(recipe: dict) -> list[Problem]:
+    from .stages.sensitivity import recipe_problems
+
+    return recipe_problems(recipe)
 
 
 def _prune_needs_no_sensitivity(recipe: dict) -> bool:

@@ -4,7 +4,7 @@ A stage is ``fn(state: RunState, params: dict) -> dict``. The dict it returns is
 ``stages/<n>-<name>/result.json``; a stage whose result file exists is not run again, which is how an
 interrupted run resumes. A stage that changes the model saves its weights and names them under
 ``"checkpoint"`` in its result, so a resumed run can rebuild the model (plan re-applied, weights loaded)
-without re-running anything.
+without re-running anything. A stage whose result has ``"end_run"`` (a message) is the run's last.
 """
 
 from __future__ import annotations
@@ -218,6 +218,8 @@ def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
         if result_file.exists():
             state.absorb(name, read_json(result_file), from_disk=True)
             echo(f"[{sdir.name}] done earlier, skipped")
+            if _ends_run(state.results[name], sdir, echo):
+                break
             continue
         plugin = registry.get("stage", name, "stages")
         sdir.mkdir(parents=True, exist_ok=True)
@@ -229,8 +231,19 @@ def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
         write_json(result_file, result)
         state.absorb(name, result)
         echo(f"[{sdir.name}] done in {result['seconds']:.1f}s")
+        if _ends_run(result, sdir, echo):
+            break
     snapshot.finish(state)
     return state
+
+
+def _ends_run(result: dict, sdir: Path, echo) -> bool:
+    """A stage may end the run after itself (a sharded sensitivity: later stages must not see a partial table);
+    its result says why under ``"end_run"``."""
+    if result.get("end_run"):
+        echo(f"[{sdir.name}] the run ends here: {result['end_run']}")
+        return True
+    return False
 
 
 def load_run_recipe(run_dir: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fileio import atomic_write, read_json, write_json, write_text
-from .hydra_app import BUG_EXIT_CODE, ERROR_LOG
+from .hydra_app import BUG_EXIT_CODE, ERROR_LOG, EXIT_RECORD
 from .run import stage_dirs
 from .stages.report import PHASES, _si
 
@@ -50,17 +50,19 @@ def check_sweep_dir(sweep_dir: Path) -> Path:
     return sweep_dir
 
 
-def find_sweep_dir(argv: list[str], since: float) -> Path | None:
+def find_sweep_dir(argv: list[str], since: float, recorded: Path | None = None) -> Path | None:
     """The directory of the sweep that the command ``argv`` just ran (started at ``since``); None if none ran.
 
-    Hydra keeps no handle on it after the sweep, so: the ``hydra.sweep.dir=`` override when given, else the
-    sweep above the log file Hydra's job logging left open on the root logger (the last job's directory).
+    Hydra keeps no handle on it after the sweep, so: the directory ``recorded`` by our Hydra callback when the
+    sweep started, the ``hydra.sweep.dir=`` override when given, else the sweep above the log file Hydra's job
+    logging left open on the root logger (the last job's directory, when jobs ran in this process).
     A candidate counts only when its ``multirun.yaml`` was written by this sweep.
     """
     import logging
 
-    candidates = [Path(a.split("=", 1)[1]) for a in argv
-                  if a.lstrip("+").startswith("hydra.sweep.dir=") and "${" not in a]
+    candidates = [Path(recorded)] if recorded else []
+    candidates += [Path(a.split("=", 1)[1]) for a in argv
+                   if a.lstrip("+").startswith("hydra.sweep.dir=") and "${" not in a]
     for handler in logging.getLogger().handlers:
         log_file = getattr(handler, "baseFilename", None)
         if log_file:
@@ -124,9 +126,20 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict:
 
     snapshot = _read_json_or_none(job_dir / "snapshot.json") or {}
     error_log = job_dir / ERROR_LOG
-    if error_log.is_file():
+    exit_record = _read_json_or_none(job_dir / EXIT_RECORD)
+    if isinstance(exit_record, dict) and exit_record.get("exit_code") and not snapshot.get("finished"):
+        # written by the job itself, also when a launcher ran it in another process (a run resumed to its end
+        # since then has a finished snapshot)
+        code = int(exit_record["exit_code"])
+        message = " ".join(str(exit_record.get("error") or EXIT_REASONS.get(code, "failed")).split())[:300]
+        if error_log.is_file() and code == BUG_EXIT_CODE:
+            message = f"{_last_line(error_log)} (see {error_log})"
+        row.update(status="interrupted" if code == 130 else "failed", exit_code=code,
+                   error=f"{EXIT_REASONS.get(code, 'failed')} (exit {code}): {message}")
+    elif error_log.is_file():
         row.update(status="failed", exit_code=BUG_EXIT_CODE, error=f"{_last_line(error_log)} (see {error_log})")
-    elif stages is not None and row["stages_done"] == len(stages) and snapshot.get("finished"):
+    elif stages is not None and snapshot.get("finished") and (
+            row["stages_done"] == len(stages) or any(r.get("end_run") for r in results.values())):  # ended early
         row.update(status="ok", exit_code=0)
     elif stages is None:
         row["error"] = ("unfinished: the run never began (no recipe.resolved.yaml); a recipe error or the "
@@ -269,6 +282,8 @@ def summarize(sweep_dir: Path, *, exit_code: int | None = None) -> dict:
             progress = (row["error"] or "").removeprefix("unfinished: ")
             row.update(status="interrupted" if stopped["exit_code"] == 130 else "failed",
                        error=f"{stopped['reason']} (exit {stopped['exit_code']}; the sweep stopped here; {progress})")
+        elif "the sweep stopped here" not in (row["error"] or ""):
+            row["error"] = f"{row['error']}; the sweep stopped here"
         row["exit_code"] = stopped["exit_code"]
     expected = expected_jobs(sweep_dir)
     if expected is not None and all(r["job"].isdigit() for r in rows):
@@ -423,6 +438,9 @@ def short_text(summary: dict) -> str:
     root = Path(summary["sweep_dir"])
     counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items())
     out = [f"sweep summary ({len(summary['jobs'])} jobs: {counts}): {root / (SUMMARY_STEM + '.md')}"]
+    for r in summary["jobs"]:
+        if r["status"] in ("failed", "interrupted"):
+            out.append(f"  job {r['job']} {r['status']}: {r['error']}")
     for b in summary["best"].values():
         out.append(f"  {b['objective']}: job {b['job']}")
     return "\n".join(out)

@@ -111,7 +111,7 @@ def test_synthetic_text_is_deterministic_from_its_seed(tmp_path):
 def test_synthetic_text_is_generated_once_then_reused(tmp_path, monkeypatch):
     ctx = context(tmp_path)
     text_det.synthetic_text(TINY, ctx)
-    (cache_dir,) = (ctx.cache_dir / "synthetic_text").iterdir()
+    (cache_dir,) = entries(ctx.cache_dir / "synthetic_text")
     mtimes = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*")}
 
     renders = []
@@ -123,7 +123,12 @@ def test_synthetic_text_is_generated_once_then_reused(tmp_path, monkeypatch):
     assert len(bundle.val) == 4
 
     text_det.synthetic_text(dict(TINY, num_val=2), ctx)  # other params: a separate cache entry
-    assert len(renders) == 5 and len(list((ctx.cache_dir / "synthetic_text").iterdir())) == 2
+    assert len(renders) == 5 and len(entries(ctx.cache_dir / "synthetic_text")) == 2
+
+
+def entries(directory):
+    """A cache directory's entries, without the hidden lock file next to each (slimrecipe.cache)."""
+    return [p for p in directory.iterdir() if not p.name.startswith(".")]
 
 
 def test_synthetic_words_lie_inside_the_image_and_never_overlap(tmp_path):

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from .. import paddle_env  # noqa: F401  -- loads zlib before anything can import Paddle (STACK.md trap 1)
+from ..cache import cache_entry
 from ..errors import RecipeError
 from ..fileio import sha256_file, sha256_json, write_bytes, write_json, write_text
 from ..registry import register
@@ -432,26 +433,26 @@ def generate_synthetic_text(out_dir: Path, gen: dict) -> Path:
     Each image has its own random stream (seed, split, index), so an image does not depend on how many
     came before it. ``generation.json`` is written last: its presence means every file is complete.
     """
-    done_marker = out_dir / "generation.json"
-    if done_marker.is_file():
-        return out_dir
-    fonts = font_paths()
-    for split_id, (split, count) in enumerate((("train", gen["num_train"]), ("val", gen["num_val"]))):
-        lines = []
-        for index in range(count):
-            rng = np.random.default_rng([gen["seed"], split_id, index])
-            image, texts, polys = render_synthetic_image(rng, gen, fonts)
-            ok, png = cv2.imencode(".png", image)
-            if not ok:
-                raise RuntimeError("OpenCV failed to encode a PNG")
-            rel_path = f"images/{split}_{index:05d}.png"
-            write_bytes(out_dir / rel_path, png.tobytes())
-            lines.append(format_paddleocr_det_line(rel_path, texts, polys))
-        write_text(out_dir / f"{split}_label.txt", "\n".join(lines) + "\n")
-    from PIL import features
+    with cache_entry(out_dir, marker="generation.json") as entry:  # concurrent jobs: one generates, the rest wait
+        if entry.ready:
+            return out_dir
+        fonts = font_paths()
+        for split_id, (split, count) in enumerate((("train", gen["num_train"]), ("val", gen["num_val"]))):
+            lines = []
+            for index in range(count):
+                rng = np.random.default_rng([gen["seed"], split_id, index])
+                image, texts, polys = render_synthetic_image(rng, gen, fonts)
+                ok, png = cv2.imencode(".png", image)
+                if not ok:
+                    raise RuntimeError("OpenCV failed to encode a PNG")
+                rel_path = f"images/{split}_{index:05d}.png"
+                write_bytes(out_dir / rel_path, png.tobytes())
+                lines.append(format_paddleocr_det_line(rel_path, texts, polys))
+            write_text(out_dir / f"{split}_label.txt", "\n".join(lines) + "\n")
+        from PIL import features
 
-    write_json(done_marker, {"generator_version": SYNTHETIC_GENERATOR_VERSION, "params": gen,
-                             "fonts": [p.name for p in fonts], "freetype": features.version("freetype2")})
+        write_json(entry.marker, {"generator_version": SYNTHETIC_GENERATOR_VERSION, "params": gen,
+                                  "fonts": [p.name for p in fonts], "freetype": features.version("freetype2")})
     return out_dir
 
 

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 
 from .. import paddle_env  # noqa: F401  -- loads zlib before anything can import Paddle (STACK.md trap 1)
+from ..cache import cache_entry
 from ..errors import RecipeError
 from ..fileio import sha256_file, sha256_json, write_bytes, write_json, write_text
 from ..registry import register
@@ -953,15 +954,15 @@ TEXT_SCENE_SCHEMA = {
 
 def generate_text_scene_dataset(out_dir: Path, gen: dict) -> Path:
     """Both splits into ``out_dir`` unless a finished copy is there; ``generation.json`` is written last."""
-    done_marker = out_dir / "generation.json"
-    if done_marker.is_file():
-        return out_dir
-    common = {"seed": gen["seed"], "size_range": tuple(gen["size_range"]),
-              "lines_per_image": tuple(gen["lines_per_image"]), "illegible_fraction": gen["illegible_fraction"],
-              "image_format": gen["image_format"], "resources": gen["resources"]}
-    generate_text_scenes(out_dir, count=gen["num_train"], style="train", label_name="train_label.txt", **common)
-    generate_text_scenes(out_dir, count=gen["num_val"], style="val", label_name="val_label.txt", **common)
-    write_json(done_marker, {"generator_version": TEXT_SCENE_GENERATOR_VERSION, "params": gen})
+    with cache_entry(out_dir, marker="generation.json") as entry:  # concurrent jobs: one generates, the rest wait
+        if entry.ready:
+            return out_dir
+        common = {"seed": gen["seed"], "size_range": tuple(gen["size_range"]),
+                  "lines_per_image": tuple(gen["lines_per_image"]), "illegible_fraction": gen["illegible_fraction"],
+                  "image_format": gen["image_format"], "resources": gen["resources"]}
+        generate_text_scenes(out_dir, count=gen["num_train"], style="train", label_name="train_label.txt", **common)
+        generate_text_scenes(out_dir, count=gen["num_val"], style="val", label_name="val_label.txt", **common)
+        write_json(entry.marker, {"generator_version": TEXT_SCENE_GENERATOR_VERSION, "params": gen})
     return out_dir
 
 

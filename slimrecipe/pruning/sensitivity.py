@@ -85,7 +85,7 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
                               path="sensitivity.loss_ceiling")
     full_shape(input_shape)
     groups, prunable = analyse(model, input_shape)
-    targets = _select(prunable, params, "sensitivity.params")
+    targets = select_groups(prunable, params, "sensitivity.params")
     state = {"format": CHECKPOINT_FORMAT, "criterion": criterion, "input_shape": list(input_shape),
              "weights_sha256": fingerprint(model), "baseline": None, "table": {}, "complete": False}
     checkpoint = Path(checkpoint_path) if checkpoint_path else None
@@ -153,7 +153,8 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
             "ratios": ratios}
 
 
-def _select(prunable: list[dict], params, path: str) -> list[dict]:
+def select_groups(prunable: list[dict], params, path: str) -> list[dict]:
+    """The groups of `prunable` named in `params` (group or parameter names), in model order; None: all of them."""
     if params is None:
         return list(prunable)
     by_name = {e["name"]: e for e in prunable} | {e["param_name"]: e for e in prunable}

@@ -2,18 +2,28 @@
 
 Sources: `compute` (measured here, cached by content hash, resumable), `file` (slimrecipe JSON or a PaddleSlim
 pickle, read without running any code from it), `builtin` (tables shipped with the package).
+
+A computed table can be split over jobs: `shard: i/n` measures every n-th group (round-robin in model order,
+starting at the i-th), writes that part to the cache next to the full table (``<key>.shard-<i>of<n>.json``) and
+ends the run, since a partial table cannot drive pruning. A run without a shard merges the parts it finds there
+and measures only the groups still missing; `slimrecipe sensitivity-merge` merges parts kept elsewhere (each
+sharded run's own `sensitivity.json`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..batching import Subset
+from ..cache import cache_entry, locked
+from ..errors import Problem, RecipeError, UserError
 from ..fileio import read_json, sha256_file, sha256_json, write_json
 from ..registry import register
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "sensitivities"
 BUILTIN_TABLES = sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+SHARD_PATTERN = r"^[0-9]+/[0-9]+$"
 
 SCHEMA = {
     "type": "object",
@@ -39,6 +49,10 @@ SCHEMA = {
         "builtin": {"type": ["string", "null"], "enum": [None, *BUILTIN_TABLES], "default": None,
                     "description": "a table shipped with slimrecipe (source: builtin)"},
         "plot": {"type": "boolean", "default": True},
+        "shard": {"type": ["string", "null"], "pattern": SHARD_PATTERN, "default": None,
+                  "description": "i/n (1 <= i <= n): measure only the i-th of n disjoint sets of groups, store that "
+                                 "part in the cache and end the run; a run without a shard merges the parts "
+                                 "(source: compute, cache: true). Sweep it: sensitivity.shard=1/2,2/2"},
     },
     "allOf": [
         {"if": {"properties": {"source": {"const": "file"}}, "required": ["source"]},
@@ -78,14 +92,47 @@ def sensitivity(state, params: dict) -> dict:
     if params["plot"]:
         plot = plot_sensitivity(doc["table"], state.run_dir / "sensitivity.png", title=state.recipe["name"])
     n = len(doc["table"])
-    print(f"  sensitivity of {n} parameters ({doc['source']}) -> {out}")
-    return {"source": doc["source"], "params": n, "evaluations": doc.get("evaluations_this_run", 0),
-            "cache": doc.get("cache"), "table_path": str(out), "plot": plot and str(plot), "inputs": inputs}
+    shard = doc.get("shard")
+    print(f"  sensitivity of {n} parameters ({doc['source']}{f', shard {shard}' if shard else ''}) -> {out}")
+    result = {"source": doc["source"], "params": n, "evaluations": doc.get("evaluations_this_run", 0),
+              "cache": doc.get("cache"), "table_path": str(out), "plot": plot and str(plot), "inputs": inputs}
+    if shard:  # a part of the table: nothing after this stage may use it as the whole
+        result["shard"] = shard
+        result["end_run"] = (f"sensitivity.shard={shard} measured {n} of {len(doc['groups'])} groups. Once every "
+                             "shard is done, the same recipe without sensitivity.shard merges the parts from the "
+                             "cache and goes on to prune (or: slimrecipe sensitivity-merge)")
+    return result
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> ``(i, n)``, checked: 1 <= i <= n; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(SHARD_PATTERN, str(text))
+    if not match:
+        raise RecipeError(f"got {text!r}; expected i/n, e.g. 1/2", path="sensitivity.shard")
+    index, count = (int(x) for x in str(text).split("/"))
+    if not 1 <= index <= count:
+        raise RecipeError(f"got {text!r}; shard i/n needs 1 <= i <= n (the i-th of n jobs)", path="sensitivity.shard")
+    return index, count
+
+
+def recipe_problems(recipe: dict) -> list[Problem]:
+    """What the schema cannot say about `sensitivity.shard`: 1 <= i <= n, and only a computed table is sharded."""
+    section = recipe.get("sensitivity")
+    shard = section.get("shard") if isinstance(section, dict) else None
+    if not isinstance(shard, str) or not re.fullmatch(SHARD_PATTERN, shard):
+        return []  # absent, or a malformed string the schema already reports
+    try:
+        parse_shard(shard)
+    except RecipeError as e:
+        return e.problems
+    if section.get("source", "compute") != "compute":
+        return [Problem("sensitivity.shard", f"only a computed table can be sharded; source is {section['source']!r}")]
+    return []
 
 
 def _compute(state, params: dict) -> dict:
-    from ..pruning import compute_sensitivity
-
     ratios = sorted(float(r) for r in params["ratios"])
     criterion = params["criterion"]
     subset = Subset(state.data.val, params["subset"])
@@ -98,26 +145,160 @@ def _compute(state, params: dict) -> dict:
         "loss_ceiling": params["loss_ceiling"], "params": params["params"],
     }
     key = sha256_json(computed_on)[:24]
+    about = {"source": "compute", "computed_on": computed_on, "cache_key": key}
+    use_cache = params["cache"]
     cache_dir = state.cache_dir / "sensitivity"
-    cached = cache_dir / f"{key}.json"
-    if params["cache"] and cached.exists():
-        doc = read_json(cached)
-        doc.update(cache="hit", evaluations_this_run=0)
-        print(f"  sensitivity reused from cache {cached}")
-        return doc
-    model = state.model
-    result = compute_sensitivity(
-        model, state.input_shape, lambda m: state.evaluate(m, subset, batch_size),
-        ratios=ratios, criterion=criterion, params=params["params"], loss_ceiling=params["loss_ceiling"],
-        higher_is_better=state.metric.higher_is_better,
-        checkpoint_path=cache_dir / f"{key}.partial.json", progress=True,
-    )
-    doc = {"source": "compute", "baseline": result["baseline"], "table": _str_keys(result["table"]),
-           "computed_on": computed_on, "cache_key": key}
-    write_json(cached, doc)
-    (cache_dir / f"{key}.partial.json").unlink(missing_ok=True)
-    doc.update(cache="miss", evaluations_this_run=result["evaluations"])
+
+    def measure(names: list[str], entry: Path) -> dict:
+        """Measure the groups ``names``, resumably: the checkpoint sits next to the entry it makes, under its lock
+        (in the stage's own directory when the cache is off)."""
+        from ..pruning import compute_sensitivity
+
+        checkpoint = (entry.with_suffix(".partial.json") if use_cache
+                      else state.stage_dir / "sensitivity.partial.json")
+        result = compute_sensitivity(
+            state.model, state.input_shape, lambda m: state.evaluate(m, subset, batch_size),
+            ratios=ratios, criterion=criterion, params=names, loss_ceiling=params["loss_ceiling"],
+            higher_is_better=state.metric.higher_is_better, checkpoint_path=checkpoint, progress=True,
+        )
+        return {"baseline": result["baseline"], "table": _str_keys(result["table"]),
+                "evaluations": result["evaluations"], "checkpoint": checkpoint}
+
+    full = cache_dir / f"{key}.json"
+    shard = parse_shard(params["shard"])
+    if shard is not None:
+        return _compute_shard(shard, _groups(state, params), about, full, measure, use_cache)
+    with cache_entry(full, enabled=use_cache) as entry:
+        if entry.ready:
+            doc = read_json(full)
+            doc.update(cache="hit", evaluations_this_run=0)
+            print(f"  sensitivity reused from cache {full}")
+            return doc
+        groups = _groups(state, params)
+        about["groups"] = groups
+        parts = _finished_shards(cache_dir, key) if use_cache else []
+        merged = merge_shards(parts) if parts else {**about, "baseline": None, "table": {}}
+        missing = [g for g in groups if g not in merged["table"]]
+        if parts:
+            print(f"  sensitivity merged from shards {', '.join(merged['merged_shards'])} of {full.name}: "
+                  f"{len(groups) - len(missing)} groups measured, {len(missing)} missing")
+        measured = measure(missing, full) if missing or not parts else None
+        if measured:
+            merged["table"].update(measured["table"])
+            if merged["baseline"] is None:
+                merged["baseline"] = measured["baseline"]
+        doc = {**merged, **about, "table": {g: merged["table"][g] for g in groups}}
+        if use_cache:
+            write_json(full, doc)
+            if measured:
+                measured["checkpoint"].unlink(missing_ok=True)
+    doc.update(cache="merged" if parts else "miss", evaluations_this_run=measured["evaluations"] if measured else 0)
     return doc
+
+
+def _groups(state, params: dict) -> list[str]:
+    """The groups the table covers, in model order (found by tracing the model)."""
+    from ..pruning.sensitivity import select_groups
+
+    return [e["name"] for e in select_groups(_prunable(state), params["params"], "sensitivity.params")]
+
+
+def _compute_shard(shard: tuple[int, int], groups: list[str], about: dict, full: Path, measure, use_cache: bool):
+    """Measure this shard's groups (every n-th, from the i-th) into ``<key>.shard-<i>of<n>.json``."""
+    index, count = shard
+    label = f"{index}/{count}"
+    about = {**about, "groups": groups}
+    mine = groups[index - 1::count]
+    part = full.with_name(f"{full.stem}.shard-{index}of{count}.json")
+    if use_cache and full.is_file():  # the whole table is there already: this part is a slice of it
+        whole = read_json(full)
+        doc = {**about, "shard": label, "baseline": whole["baseline"],
+               "table": {g: whole["table"][g] for g in mine}}
+        print(f"  sensitivity shard {label} taken from the full table in the cache {full}")
+        return {**doc, "cache": "hit", "evaluations_this_run": 0}
+    with cache_entry(part, enabled=use_cache) as entry:
+        if entry.ready:
+            print(f"  sensitivity shard {label} reused from cache {part}")
+            return {**read_json(part), "cache": "hit", "evaluations_this_run": 0}
+        measured = measure(mine, part)
+        doc = {**about, "shard": label, "baseline": measured["baseline"], "table": measured["table"]}
+        if use_cache:
+            write_json(part, doc)
+            measured["checkpoint"].unlink(missing_ok=True)
+    return {**doc, "cache": "miss", "evaluations_this_run": measured["evaluations"]}
+
+
+SHARD_FILE = re.compile(r"[0-9a-f]+\.shard-[0-9]+of[0-9]+\.json")  # a finished part, not its .partial.json
+
+
+def _finished_shards(cache_dir: Path, key: str) -> list[dict]:
+    """The shard parts of table ``key`` in the cache, after waiting for the shards still being measured."""
+    for lock in sorted(cache_dir.glob(f".{key}.shard-*.json.lock")):  # the lock of every shard ever started
+        with locked(cache_dir / lock.name.removeprefix(".").removesuffix(".lock")):  # free once its job is done
+            pass
+    return [read_json(p) for p in sorted(cache_dir.glob(f"{key}.shard-*.json")) if SHARD_FILE.fullmatch(p.name)]
+
+
+def merge_shards(parts: list[dict]) -> dict:
+    """Shard parts of one analysis (one cache key) as one doc: their rows together, in model order.
+
+    Rows measured by more than one part (shards of sweeps with different n) are the same measurement; the first
+    one is kept. The result may miss groups no part measured: ``groups`` lists all of them.
+    """
+    keys = sorted({str(p.get("cache_key")) for p in parts})
+    if len(keys) != 1:
+        raise UserError(f"these shards belong to different analyses (cache keys {', '.join(keys)}): they measured "
+                        "other weights, data, metric or settings")
+    groups = parts[0]["groups"]
+    table: dict[str, dict] = {}
+    for part in parts:
+        for name, row in part["table"].items():
+            table.setdefault(name, row)
+    baselines = {float(p["baseline"]) for p in parts}
+    if max(baselines) - min(baselines) > 1e-9 * max(abs(b) for b in baselines):
+        print(f"  warning: the shards measured different baselines {sorted(baselines)} (a non-deterministic "
+              "evaluation?); their losses are relative to their own baseline")
+    return {"source": "compute", "baseline": parts[0]["baseline"],
+            "table": {g: table[g] for g in groups if g in table}, "computed_on": parts[0]["computed_on"],
+            "cache_key": keys[0], "groups": groups,
+            "merged_shards": sorted({p["shard"] for p in parts}, key=_shard_order)}
+
+
+def _shard_order(label: str) -> tuple[int, int]:
+    index, count = label.split("/")
+    return int(count), int(index)
+
+
+def merge_command(args: list[str]) -> int:
+    """`slimrecipe sensitivity-merge PART... --out FILE`: the full table from the parts of a sharded analysis."""
+    usage = ("usage: slimrecipe sensitivity-merge PART... --out FILE   "
+             "(PART: a sharded run's directory or its sensitivity.json)")
+    if "--out" not in args or args.index("--out") + 1 >= len(args):
+        raise UserError(usage)
+    i = args.index("--out")
+    out, sources = Path(args[i + 1]), args[:i] + args[i + 2:]
+    if not sources:
+        raise UserError(usage)
+    parts = []
+    for source in sources:
+        path = Path(source) / "sensitivity.json" if Path(source).is_dir() else Path(source)
+        try:
+            part = read_json(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if not isinstance(part, dict) or not all(k in part for k in ("shard", "groups", "table", "cache_key")):
+            raise UserError(f"{path} is not the sensitivity of a sharded run (no shard, groups, table, cache_key)")
+        parts.append(part)
+    doc = merge_shards(parts)
+    missing = [g for g in doc["groups"] if g not in doc["table"]]
+    if missing:
+        raise UserError(f"shards {', '.join(doc['merged_shards'])} leave {len(missing)} of {len(doc['groups'])} "
+                        f"groups unmeasured ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                        "add the missing shards' parts")
+    write_json(out, doc)
+    print(f"sensitivity of {len(doc['table'])} groups merged from shards {', '.join(doc['merged_shards'])} -> {out}"
+          f"\nuse it with: sensitivity.source=file sensitivity.file={out}")
+    return 0
 
 
 def _str_keys(table: dict) -> dict:

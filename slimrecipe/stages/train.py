@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from ..fileio import read_json, sha256_file, sha256_json, write_json
+from ..cache import cache_entry
+from ..fileio import atomic_write, read_json, sha256_file, sha256_json, write_json
 from ..registry import register
 from ._training import fit, loop_schema, save_weights
 
@@ -34,23 +35,23 @@ def train(state, params: dict) -> dict:
     key = cache_key(state, params)
     cached = state.cache_dir / "baselines" / key
     weights = state.stage_dir / "model.pdparams"
-    if params["cache"] and (cached / "result.json").exists():
-        shutil.copyfile(cached / "model.pdparams", weights)
-        result = read_json(cached / "result.json")
-        result.update(cache="hit", cache_key=key)
-        print(f"  baseline reused from cache {cached} (metric {result['metric']:.4f})")
-    else:
-        model = state.model
-        fit_result = fit(state, model, params, out_dir=state.stage_dir / "checkpoint", desc="train")
-        save_weights(model, weights)
-        result = {"metric": state.evaluate(model), "fit": fit_result}
-        if params["cache"]:
-            cached.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(weights, cached / ".model.tmp")
-            (cached / ".model.tmp").replace(cached / "model.pdparams")
-            write_json(cached / "result.json", result)
-        result.update(cache="miss", cache_key=key)
-        shutil.rmtree(state.stage_dir / "checkpoint", ignore_errors=True)
+    # result.json is written last: it marks a complete entry; a concurrent job training the same baseline waits
+    with cache_entry(cached, marker="result.json", enabled=params["cache"]) as entry:
+        if entry.ready:
+            shutil.copyfile(cached / "model.pdparams", weights)
+            result = read_json(cached / "result.json")
+            result.update(cache="hit", cache_key=key)
+            print(f"  baseline reused from cache {cached} (metric {result['metric']:.4f})")
+        else:
+            model = state.model
+            fit_result = fit(state, model, params, out_dir=state.stage_dir / "checkpoint", desc="train")
+            save_weights(model, weights)
+            result = {"metric": state.evaluate(model), "fit": fit_result}
+            if params["cache"]:
+                atomic_write(cached / "model.pdparams", lambda tmp: shutil.copyfile(weights, tmp))
+                write_json(cached / "result.json", result)
+            result.update(cache="miss", cache_key=key)
+            shutil.rmtree(state.stage_dir / "checkpoint", ignore_errors=True)
     result["weights_path"] = str(weights)
     result["weights_sha256"] = sha256_file(weights)
     result["checkpoint"] = state.set_model(state.model if result["cache"] == "miss" else _load(state, weights), weights)
