@@ -30,7 +30,7 @@ SCHEMA = {
             "properties": {
                 "images": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 32,
                            "description": "training images the activation ranges are measured on (drawn by seed)"},
-                "method": {"enum": ["minmax", "percentile", "entropy"], "default": "minmax",
+                "method": {"enum": ["minmax", "percentile", "entropy"], "default": "percentile",
                            "description": "activation range: the extremes seen, a percentile of |x|, or the "
                                           "range that keeps the histogram's entropy (KL divergence)"},
                 "percentile": {"type": "number", "exclusiveMinimum": 90, "maximum": 100, "default": 99.999,
@@ -44,9 +44,12 @@ SCHEMA = {
         "reduce_range": {"type": "boolean", "default": False,
                          "description": "7-bit weights, for x86 CPUs without VNNI that saturate 8-bit sums"},
         "op_types": {"type": "array", "minItems": 1, "uniqueItems": True,
-                     "items": {"enum": ["Conv", "ConvTranspose", "MatMul", "Gemm"]},
+                     "items": {"enum": ["Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "Resize",
+                                        "Sigmoid", "HardSigmoid", "HardSwish", "AveragePool", "GlobalAveragePool",
+                                        "MaxPool", "Relu", "Clip", "Transpose"]},
                      "default": ["Conv", "ConvTranspose", "MatMul", "Gemm"],
-                     "description": "ONNX op types quantized (their weights and inputs)"},
+                     "description": "ONNX op types quantized (weights and inputs); accuracy control ranks and returns "
+                                    "to float only the weighted ones (Conv, ConvTranspose, MatMul, Gemm)"},
         "max_metric_loss": {"type": ["number", "null"], "minimum": 0, "default": None,
                             "description": "largest metric loss of the int8 model against the float model it "
                                            "comes from (0.01: one point); while it is exceeded, the most "
@@ -78,14 +81,14 @@ def ptq(state, params: dict) -> dict:
     sdir = state.stage_dir
     model = state.model
     model.eval()
-    settings = lib.Settings(method=params["calibration"].get("method", "minmax"),
+    settings = lib.Settings(method=params["calibration"].get("method", "percentile"),
                             percentile=params["calibration"].get("percentile", 99.999),
                             per_channel=params["per_channel"], activation_type=params["activation_type"],
                             reduce_range=params["reduce_range"], op_types=tuple(params["op_types"]))
     images, indices = calibration_images(state.data.train, params["calibration"].get("images", 32), state.seed)
     ctx = ExportContext(model, state.input_shape, params["dynamic_hw"], images[:1], sdir)
     prepared = lib.prepare(float_onnx_bytes(ctx, params["opset"]), sdir / "model.float.onnx")
-    layers = lib.quantizable_layers(prepared, settings.op_types)
+    layers = lib.quantizable_layers(prepared, [t for t in settings.op_types if t in lib.DEFAULT_OP_TYPES])
     if not layers:
         raise StageError(f"the model has no {'/'.join(settings.op_types)} layer to quantize (ptq.op_types)")
     names = _param_names(model)
