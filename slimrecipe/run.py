@@ -38,6 +38,7 @@ class RunState:
         self.quant_config: dict | None = None
         self.quanter = None
         self.ptq: dict | None = None  # the `ptq` stage's record, with its files' paths made absolute
+        self.round: dict | None = None  # under an end-result loss target: which round of pruning this is
         self._model = None
         self._data = None
         self._metric = None
@@ -166,6 +167,15 @@ class RunState:
                 "flops": count_flops(model, self.input_shape), "params": count_params(model)}
 
     # ------------------------------------------------------------------ bookkeeping
+    def rewind(self, keep: list[str]) -> None:
+        """Forget every stage's result but ``keep``'s, and go back to the model those stages left."""
+        kept = [(name, self.results[name]) for name in keep if name in self.results]
+        self.results = {}
+        self.weights = _opt_path(self.recipe["model"].get("weights"))
+        self.plan = self.quant_config = self.quanter = self.ptq = self._model = None
+        for name, result in kept:
+            self.absorb(name, result, from_disk=True)
+
     def absorb(self, name: str, result: dict, *, from_disk: bool = False) -> None:
         """Take a completed stage's result into the state; ``from_disk`` when resuming a stage done earlier."""
         self.results[name] = result
@@ -204,35 +214,60 @@ def stage_dirs(run_dir: Path, stages: list[str]) -> list[Path]:
 
 
 def execute(recipe: dict, run_dir: Path, *, echo=print) -> RunState:
-    """Run (or resume) every stage of a validated recipe in ``run_dir``."""
+    """Run (or resume) every stage of a validated recipe in ``run_dir``.
+
+    Under `prune.target.eval_metric_loss` the stages from prune to the last quantize or finetune stage may run
+    more than once (see :mod:`slimrecipe.rounds`); every other stage runs once.
+    """
     from . import snapshot
     from .config import apply_defaults
     from .paddle_env import seed_everything
+    from .rounds import BackOff
 
     run_dir = Path(run_dir)
     snapshot.begin(recipe, run_dir)
     seed_everything(int(recipe["seed"]))
     state = RunState(recipe, run_dir)
-    for name, sdir in zip(recipe["stages"], stage_dirs(run_dir, recipe["stages"])):
+    stages = recipe["stages"]
+    dirs = stage_dirs(run_dir, stages)
+    rounds = BackOff.for_recipe(recipe, run_dir, stages, dirs)
+    if rounds is not None:
+        rounds.resume(echo)
+    i = 0
+    while i < len(stages):
+        name, sdir = stages[i], dirs[i]
+        if rounds is not None and rounds.in_span(i):
+            state.round = rounds.round_info()
         result_file = sdir / "result.json"
         if result_file.exists():
             state.absorb(name, read_json(result_file), from_disk=True)
             echo(f"[{sdir.name}] done earlier, skipped")
-            if _ends_run(state.results[name], sdir, echo):
-                break
-            continue
-        plugin = registry.get("stage", name, "stages")
-        sdir.mkdir(parents=True, exist_ok=True)
-        state.stage_dir = sdir
-        echo(f"[{sdir.name}] running")
-        t0 = time.perf_counter()
-        result = plugin.obj(state, apply_defaults(plugin.schema, recipe.get(name))) or {}
-        result["seconds"] = round(time.perf_counter() - t0, 2)
-        write_json(result_file, result)
-        state.absorb(name, result)
-        echo(f"[{sdir.name}] done in {result['seconds']:.1f}s")
-        if _ends_run(result, sdir, echo):
+        else:
+            plugin = registry.get("stage", name, "stages")
+            sdir.mkdir(parents=True, exist_ok=True)
+            state.stage_dir = sdir
+            echo(f"[{sdir.name}] running")
+            t0 = time.perf_counter()
+            result = plugin.obj(state, apply_defaults(plugin.schema, recipe.get(name))) or {}
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            if rounds is not None and rounds.in_span(i):
+                result["round"] = state.round["index"]
+            write_json(result_file, result)
+            state.absorb(name, result)
+            echo(f"[{sdir.name}] done in {result['seconds']:.1f}s")
+        if _ends_run(state.results[name], sdir, echo):
             break
+        if rounds is not None and i == rounds.end and not rounds.finished:
+            again = rounds.after_span(state, echo)
+            if again or rounds.rewind_needed():
+                state.rewind(stages[:rounds.start])
+            if again:
+                i = rounds.start
+                continue
+            if rounds.rewind_needed():  # an earlier round is delivered: take its results back
+                for j in range(rounds.start, rounds.end + 1):
+                    state.absorb(stages[j], read_json(dirs[j] / "result.json"), from_disk=True)
+        i += 1
     snapshot.finish(state)
     return state
 

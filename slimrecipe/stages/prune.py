@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import RecipeError
 from ..fileio import read_json, write_json
+from ..pruning.latency import TARGET_SCHEMA as LATENCY_TARGET_SCHEMA
 from ..registry import register
 from ._training import save_weights
 
@@ -27,19 +28,38 @@ SCHEMA = {
             "additionalProperties": False,
             "minProperties": 1,
             "maxProperties": 1,
-            "description": "exactly one of eval_metric_loss, flops, ratios",
+            "description": "exactly one of eval_metric_loss, per_layer_loss, flops, latency, ratios",
             "properties": {
                 "eval_metric_loss": {"type": "number", "minimum": 0, "maximum": 1,
-                                     "description": "largest tolerated relative metric loss per parameter"},
+                                     "description": "largest tolerated metric loss of the model the run delivers "
+                                                    "(after finetune, and quantization when the recipe "
+                                                    "quantizes), in the metric's units (0.01: one point of "
+                                                    "accuracy). Missed: prune less and try again, up to "
+                                                    "`prune.rounds` rounds (see rounds.json)"},
+                "per_layer_loss": {"type": "number", "minimum": 0, "maximum": 1,
+                                   "description": "PaddleX's eval_metric_loss: per group, the largest ratio whose "
+                                                  "measured relative loss, that group alone pruned, stays within "
+                                                  "this (the groups' losses add up: the end result loses more)"},
                 "flops": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
                           "description": "share of FLOPs to remove, reached within `tolerance`"},
+                "latency": LATENCY_TARGET_SCHEMA,
                 "ratios": {"type": "object", "minProperties": 1,
                            "additionalProperties": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                            "description": "explicit {parameter: ratio}"},
             },
         },
+        "rounds": {"type": "integer", "minimum": 1, "maximum": 20, "default": 3,
+                   "description": "eval_metric_loss: rounds of prune + finetune (+ quantize) at most"},
+        "first_round_reach": {"type": "number", "exclusiveMinimum": 0, "maximum": 100, "default": 5,
+                              "description": "eval_metric_loss: the first round prunes each group as far as "
+                                             "the per-layer rule allows at this multiple of the target "
+                                             "(finetuning wins back much of what each group alone loses); "
+                                             "later rounds back off from there"},
+        "backoff": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.5,
+                    "description": "eval_metric_loss: a missed round's FLOPs cut times this is the next round's"},
         "tolerance": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.2, "default": 0.01,
-                      "description": "flops target: allowed distance from the target cut"},
+                      "description": "flops target: allowed distance from the target cut; latency target: how far "
+                                     "below the asked share the planned share may fall"},
         "align": {"enum": [None, 1, 8, 16], "default": None, "description": "keep channel counts a multiple of this"},
     },
 }
@@ -62,14 +82,32 @@ def prune(state, params: dict) -> dict:
     table = _float_table(read_json(sens_file)["table"]) if sens_file.exists() else {}
     groups, prunable = analyse(model, shape)
     kept, skipped = apply_skip_rules(prunable, table, state.recipe.get("skip") or {})
-    achieved = None
-    if "eval_metric_loss" in target:
-        ratios = ratios_for_metric_loss({k: table[k] for k in kept if k in table}, target["eval_metric_loss"])
+    achieved = latency = None
+    round_info = getattr(state, "round", None) or {}
+    if "eval_metric_loss" in target and round_info.get("flops"):
+        # a later round: the previous one missed the target, so a smaller cut, least sensitive groups first
+        ratios, achieved = _flops_ratios(model, shape, {k: table[k] for k in kept if k in table},
+                                         round_info["flops"], params, state)
+    elif "eval_metric_loss" in target or "per_layer_loss" in target:
+        # the first round of an end-result target starts where the per-layer rule puts it at `first_round_reach`
+        # times the target (relative to the baseline metric, as the sensitivity table measures loss)
+        limit = target.get("per_layer_loss")
+        if limit is None:
+            limit = params["first_round_reach"] * target["eval_metric_loss"] / max(abs(_baseline_metric(state)), 1e-9)
+        ratios = ratios_for_metric_loss({k: table[k] for k in kept if k in table}, limit)
     elif "flops" in target:
         ratios, achieved = ratios_for_flops_target(
             model, shape, {k: table[k] for k in kept if k in table}, target["flops"],
             tolerance=params["tolerance"], align=align,
             min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
+    elif "latency" in target:
+        from ..pruning.latency import plan_latency
+
+        latency = plan_latency(model, shape, {k: table[k] for k in kept if k in table}, target["latency"],
+                               align=align, min_channels=(state.recipe.get("skip") or {}).get("min_channels"),
+                               tolerance=params["tolerance"], cache_dir=state.cache_dir / "latency",
+                               identity=state.recipe["model"])
+        ratios = latency.ratios
     else:
         names = {p["name"] for p in prunable}
         unknown = [k for k in target["ratios"] if k not in names]
@@ -89,6 +127,7 @@ def prune(state, params: dict) -> dict:
     write_json(state.run_dir / "plan.json", plan)  # now with the channels each group lost
     weights = save_weights(model, state.stage_dir / "model.pdparams")
     after = state.measure(model)
+    latency_result = latency.verify(model) if latency else None
     n_pruned = sum(1 for p in plan["params"].values() if p["channels_after"] < p["channels_before"])
     summary = {"prunable": len(plan["params"]), "pruned": n_pruned, "skipped": len(skipped)}
     print(f"  pruned {n_pruned}/{len(plan['params'])} channel groups ({len(plan['unprunable'])} not prunable): FLOPs {before['flops']:.4g} -> {after['flops']:.4g}"
@@ -97,7 +136,29 @@ def prune(state, params: dict) -> dict:
     return {"before": before, "after": after, "metric": after["metric"], "flops": after["flops"],
             "params": after["params"], "flops_cut": 1 - after["flops"] / before["flops"],
             "target": target, "achieved_flops_cut_planned": achieved, "plan_summary": summary,
+            **({"latency": latency_result} if latency_result else {}),
             "checkpoint": state.set_model(model, weights, plan=plan)}
+
+
+def _baseline_metric(state) -> float:
+    if "evaluate" in state.results:
+        return float(state.results["evaluate"]["metric"])
+    return float(state.evaluate())
+
+
+def _flops_ratios(model, shape, table: dict, cut: float, params: dict, state):
+    """Ratios for a FLOPs cut, widening the tolerance when channel steps jump over a small target."""
+    from ..pruning import ratios_for_flops_target
+
+    tolerance = params["tolerance"]
+    while True:
+        try:
+            return ratios_for_flops_target(model, shape, table, cut, tolerance=tolerance, align=params["align"],
+                                           min_channels=(state.recipe.get("skip") or {}).get("min_channels"))
+        except RecipeError:
+            if tolerance >= 0.2:
+                raise
+            tolerance = min(0.2, tolerance * 2)
 
 
 def _check_paddleslim_backend(criterion: str) -> None:

@@ -36,7 +36,8 @@ def collect(state) -> dict:
     exports = (state.results.get("export") or {}).get("targets", {})
     plan = (state.results.get("prune") or {}).get("plan_summary")
     return {"recipe": state.recipe["name"], "metric_name": state.metric.name, "phases": rows, "exports": exports,
-            "plan": plan, "ptq": _ptq_summary(state.results.get("ptq")), "run_dir": str(state.run_dir),
+            "plan": plan, "ptq": _ptq_summary(state.results.get("ptq")), "rounds": _rounds(state.run_dir),
+            "run_dir": str(state.run_dir),
             "seconds": {k: v.get("seconds") for k, v in state.results.items()}}
 
 
@@ -74,10 +75,72 @@ def render_markdown(rep: dict) -> str:
         p = rep["plan"]
         lines += ["", "## Pruning plan", "", f"{p['pruned']} of {p['prunable']} prunable convolutions pruned, "
                   f"{p['skipped']} skipped (see plan.json for the rule behind each)."]
+    if rep.get("rounds"):
+        lines += ["", *_rounds_lines(rep["rounds"], m)]
     if rep.get("ptq"):
         lines += ["", *_ptq_lines(rep["ptq"], m)]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["seconds"].items() if v is not None)]
     return "\n".join(lines) + "\n"
+
+
+def _rounds(run_dir) -> dict | None:
+    from pathlib import Path
+
+    from ..fileio import read_json
+    from ..rounds import ROUNDS_FILE
+
+    f = Path(run_dir) / ROUNDS_FILE
+    return read_json(f) if f.exists() else None
+
+
+def _rounds_lines(r: dict, m: str) -> list[str]:
+    rounds = sorted(r["rounds"], key=lambda x: x["round"])
+    delivered = next((x for x in rounds if x["round"] == r["delivered"]), None)
+    outcome = ("not finished" if delivered is None else
+               f"delivered round {delivered['round']}: {m} {delivered['metric']:.4f}, loss "
+               f"{delivered['loss']:+.4f}, FLOPs cut {delivered['flops_cut']:.1%} "
+               + ("(target met)" if r["met"] else "(target NOT met: the closest round)"))
+    lines = ["## Rounds (prune.target.eval_metric_loss)", "",
+             f"Asked: the delivered model loses at most {r['target_loss']:g} of the baseline's {m}, within "
+             f"{r['max_rounds']} round(s), each missed round's FLOPs cut times {r['backoff']:g}. {outcome}.", "",
+             f"| round | FLOPs cut asked | FLOPs cut | {m} after prune | {m} delivered | loss | met |",
+             "|---|---|---|---|---|---|---|"]
+    for x in rounds:
+        asked = "first round (per-layer rule)" if x["flops_target"] is None else f"{x['flops_target']:.1%}"
+        mark = " (delivered)" if x["round"] == r["delivered"] else ""
+        lines.append(f"| {x['round']}{mark} | {asked} | {x['flops_cut']:.1%} | {x['pruned_metric']:.4f} | "
+                     f"{x['metric']:.4f} | {x['loss']:+.4f} | {'yes' if x['met'] else 'no'} |")
+    if r.get("message"):
+        lines += ["", r["message"]]
+    lines += ["", "![rounds](report_rounds.png)"]
+    return lines
+
+
+def _plot_rounds(rep: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = rep["rounds"]
+    rounds = sorted(r["rounds"], key=lambda x: x["round"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    base = rounds[0]["baseline_metric"]
+    ax.axhline(base, color="#888", lw=1, label="baseline")
+    ax.axhline(base - r["target_loss"], color="#c33", lw=1, ls="--", label="baseline - target loss")
+    for x in rounds:
+        colour = "#3a7" if x["met"] else "#c93"
+        ax.scatter([x["flops_cut"] * 100], [x["metric"]], color=colour, s=60 if x["round"] == r["delivered"] else 25,
+                   edgecolors="black" if x["round"] == r["delivered"] else "none", zorder=3)
+        ax.annotate(f"round {x['round']}", (x["flops_cut"] * 100, x["metric"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("FLOPs cut (%)")
+    ax.set_ylabel(f"{rep['metric_name']} delivered")
+    ax.set_title("rounds: delivered metric against FLOPs cut", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _ptq_summary(r: dict | None) -> dict | None:
@@ -140,6 +203,8 @@ def report(state, params: dict) -> dict:
     write_text(state.run_dir / "report.md", render_markdown(rep))
     if params["plot"] and rep["phases"]:
         _plot(rep, state.run_dir / "report.png")
+    if params["plot"] and rep.get("rounds") and rep["rounds"]["rounds"]:
+        _plot_rounds(rep, state.run_dir / "report_rounds.png")
     if params["detections"] and state.metric.name == "hmean" and len(state.data.val):
         _draw_detections(state, params["detections"], state.run_dir / "report_detections.png")
         write_text(state.run_dir / "report.md", render_markdown(rep) + "\n![detections](report_detections.png)\n")
