@@ -37,6 +37,7 @@ def collect(state) -> dict:
     plan = (state.results.get("prune") or {}).get("plan_summary")
     return {"recipe": state.recipe["name"], "metric_name": state.metric.name, "phases": rows, "exports": exports,
             "plan": plan, "ptq": _ptq_summary(state.results.get("ptq")), "rounds": _rounds(state.run_dir),
+            "latency_target": (state.results.get("prune") or {}).get("latency"),
             "run_dir": str(state.run_dir),
             "seconds": {k: v.get("seconds") for k, v in state.results.items()}}
 
@@ -77,6 +78,8 @@ def render_markdown(rep: dict) -> str:
                   f"{p['skipped']} skipped (see plan.json for the rule behind each)."]
     if rep.get("rounds"):
         lines += ["", *_rounds_lines(rep["rounds"], m)]
+    if rep.get("latency_target"):
+        lines += ["", *_latency_lines(rep["latency_target"])]
     if rep.get("ptq"):
         lines += ["", *_ptq_lines(rep["ptq"], m)]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rep["seconds"].items() if v is not None)]
@@ -114,6 +117,47 @@ def _rounds_lines(r: dict, m: str) -> list[str]:
         lines += ["", r["message"]]
     lines += ["", "![rounds](report_rounds.png)"]
     return lines
+
+
+def _latency_lines(t: dict) -> list[str]:
+    lines = ["## Latency target (prune.target.latency)", "",
+             f"On {t['runtime']}, {t['threads']} thread(s), batch {t['batch']}, input {'x'.join(map(str, t['input']))}, "
+             f"the float pruned model against the unpruned one, timed interleaved ({t['repeats']} rounds): asked "
+             f"{t['asked_share']:.3f} of the baseline's latency, planned {t['predicted_share']:.3f}, measured "
+             f"{t['measured_share']:.3f} ({t['baseline_ms']:.3f} -> {t['pruned_ms']:.3f} ms), "
+             + ("within 5%." if t["within_5_percent"] else f"NOT within 5% (off by {t['relative_error']:.1%})."),
+             "", f"Speed-up {t['measured_speedup']:.2f}x measured against {t['flops_speedup']:.2f}x by FLOPs "
+             f"(measured / FLOPs speed-up {t['measured_over_flops_speedup']:.2f}; `prune.align` moves it).", "", "| candidate | planned share | measured share | FLOPs share | estimated loss |",
+             "|---|---|---|---|---|"]
+    for c in t.get("candidates") or []:
+        lines.append(f"| {c['round']} | {c['predicted_share']:.3f} | {c['measured_share']:.3f} | "
+                     f"{c['flops_share']:.3f} | {c['estimated_loss']:+.4f} |")
+    lines += ["", "![latency candidates](report_latency.png)"]
+    return lines
+
+
+def _plot_latency(rep: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = rep["latency_target"]
+    cands = t.get("candidates") or []
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.axvline(t["asked_share"], color="#c33", ls="--", lw=1, label="asked share")
+    ax.axvspan(t["asked_share"] * 0.95, t["asked_share"] * 1.05, color="#c33", alpha=0.08, label="±5%")
+    ax.scatter([c["measured_share"] for c in cands], [c["estimated_loss"] for c in cands], color="#c93",
+               label="candidates measured")
+    ax.scatter([t["measured_share"]], [t["estimated_loss"]], color="#3a7", s=70, edgecolors="black",
+               label="delivered (re-timed)", zorder=3)
+    ax.set_xlabel("measured latency / baseline latency")
+    ax.set_ylabel("estimated metric loss (sensitivity)")
+    ax.set_title(f"latency target on {t['runtime']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _plot_rounds(rep: dict, path) -> None:
@@ -205,6 +249,8 @@ def report(state, params: dict) -> dict:
         _plot(rep, state.run_dir / "report.png")
     if params["plot"] and rep.get("rounds") and rep["rounds"]["rounds"]:
         _plot_rounds(rep, state.run_dir / "report_rounds.png")
+    if params["plot"] and rep.get("latency_target"):
+        _plot_latency(rep, state.run_dir / "report_latency.png")
     if params["detections"] and state.metric.name == "hmean" and len(state.data.val):
         _draw_detections(state, params["detections"], state.run_dir / "report_detections.png")
         write_text(state.run_dir / "report.md", render_markdown(rep) + "\n![detections](report_detections.png)\n")
