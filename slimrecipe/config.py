@@ -255,6 +255,10 @@ def expand_profiles(overrides: list[str]) -> list[str]:
     out = []
     for o in overrides:
         key, _, value = o.partition("=")
+        if key.lstrip("+") == "profile" and recipe and "," in recipe and value and "/" not in value:
+            raise RecipeError(f"+profile={value} picks each recipe's own version of the profile, so it cannot go "
+                              f"with a sweep over recipes ({recipe}): sweep one recipe at a time, or name the "
+                              f"versions (+profile={value}/RECIPE)", path="profile")
         if key.lstrip("+") == "profile" and recipe and value and "," not in value and "/" not in value:
             groups = [root / "profile" / value for root in recipe_dirs()]
             if any(g.is_dir() for g in groups):
