@@ -276,7 +276,11 @@ def _save_paddle(ctx: ExportContext, prefix: Path, model=None) -> tuple[Path, Pa
     was_training = model.training
     model.eval()
     try:
-        p.jit.save(model, str(prefix), input_spec=ctx.input_spec())
+        # names of the program's tensors from a fresh counter: the same model saves to the same names however
+        # often it was saved before in this process (Paddle 2.6 numbers them on; the ptq stage's ranges are keyed
+        # by them and must find them again in the export)
+        with p.utils.unique_name.guard():
+            p.jit.save(model, str(prefix), input_spec=ctx.input_spec())
     finally:
         ensure_dynamic_mode()
         if was_training:

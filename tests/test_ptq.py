@@ -35,10 +35,10 @@ def _three_convs(outlier: bool):
             self.conv1 = p.nn.Conv2D(3, 8, 3, padding=1)
             self.conv2 = p.nn.Conv2D(8, 8, 3, padding=1)
             self.conv3 = p.nn.Conv2D(8, 4, 3, padding=1)
+            self.relu = p.nn.ReLU()  # a sublayer, not a closure: Paddle 2.6's to_static cannot read closures
 
         def forward(self, x):
-            x = p.nn.functional.relu(self.conv1(x))
-            return self.conv3(p.nn.functional.relu(self.conv2(x)))
+            return self.conv3(self.relu(self.conv2(self.relu(self.conv1(x)))))
 
     net = Net()
     if outlier:

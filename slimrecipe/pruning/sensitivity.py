@@ -1,4 +1,15 @@
-"""Sensitivity: the relative metric loss when each prunable channel group alone loses a share of its channels."""
+"""Sensitivity: the relative metric loss when each prunable channel group alone loses a share of its channels.
+
+Two estimators fill the same table ``{group: {ratio: loss}}``:
+
+- measured (:func:`compute_sensitivity`): one evaluation per (group, ratio) on a pruned copy, optionally after
+  recomputing that copy's BatchNorm statistics on a few training batches (:func:`recalibrate_batchnorm`), which
+  removes the statistics shift that finetuning would remove first;
+- one-shot first-order Taylor (:func:`taylor_sensitivity`): a few backward passes give, for every channel, the
+  product of its activation and the loss gradient; the predicted loss of removing a set of channels is read off
+  those products for every group and ratio at once, then mapped onto the metric's relative loss by measuring a
+  handful of candidates (calibration).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +25,9 @@ from .surgery import prune_group
 from .targets import _kept_channels
 
 CHECKPOINT_FORMAT = "slimrecipe.sensitivity/2"
+# the member roles through which a group's channels enter a layer that is linear in its input: summing w * dL/dw
+# over those slices gives sum(a * dL/da) over the group's activations, the first-order effect of removing them
+CONSUMER_ROLES = ("conv_in", "transpose_in", "linear_in")
 # what a sensitivity analysis can rank channels by without training data in hand
 SENSITIVITY_CRITERIA = ("l1_norm", "l2_norm", "fpgm")
 
@@ -61,14 +75,16 @@ def pruned_copy(model, groups, name: str, ratio: float, criterion: str):
 
 def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *, ratios, criterion: str = "l1_norm",
                         params=None, loss_ceiling: float | None = None, checkpoint_path=None,
-                        progress: bool = True, higher_is_better: bool = True) -> dict:
+                        progress: bool = True, higher_is_better: bool = True, bn_batches=None) -> dict:
     """Relative metric loss when each prunable group alone loses each share of its channels.
 
     ``evaluate(model) -> float`` is called once for the baseline and once per point, each time on a pruned copy
     (``model`` itself is never changed). The loss is the metric's drop relative to the baseline, in the metric's
     own direction (``higher_is_better``). Each point is saved to ``checkpoint_path`` as it is measured; a later
-    call with the same weights and criterion skips the points already there. Returns ``{"baseline", "table":
-    {group: {ratio_key: loss}}, "evaluations" (calls made by this call), "criterion", "ratios"}``.
+    call with the same weights, criterion and recalibration skips the points already there. ``bn_batches`` (a list
+    of training batches): recompute each pruned copy's BatchNorm statistics on them before evaluating it. Returns
+    ``{"baseline", "table": {group: {ratio_key: loss}}, "evaluations" (calls made by this call), "criterion",
+    "ratios"}``.
     """
     from tqdm import tqdm
 
@@ -86,8 +102,10 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
     full_shape(input_shape)
     groups, prunable = analyse(model, input_shape)
     targets = select_groups(prunable, params, "sensitivity.params")
+    bn_batches = list(bn_batches or [])
     state = {"format": CHECKPOINT_FORMAT, "criterion": criterion, "input_shape": list(input_shape),
-             "weights_sha256": fingerprint(model), "baseline": None, "table": {}, "complete": False}
+             "weights_sha256": fingerprint(model), "bn_recalibration": len(bn_batches), "baseline": None,
+             "table": {}, "complete": False}
     checkpoint = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None and checkpoint.exists():
         state = _load_checkpoint(checkpoint, criterion, state["weights_sha256"], state)
@@ -130,7 +148,10 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
             for i, r in enumerate(ratios):
                 key = ratio_key(r)
                 if key not in row:
-                    metric = measure(pruned_copy(model, groups, entry["name"], r, criterion))
+                    candidate = pruned_copy(model, groups, entry["name"], r, criterion)
+                    if bn_batches:
+                        recalibrate_batchnorm(candidate, bn_batches)
+                    metric = measure(candidate)
                     drop = baseline - metric if higher_is_better else metric - baseline
                     row[key] = drop / baseline
                     save()
@@ -151,6 +172,218 @@ def compute_sensitivity(model, input_shape, evaluate: Callable[[Any], float], *,
     result_table = {e["name"]: {k: v for k, v in table[e["name"]].items() if k in wanted} for e in targets}
     return {"baseline": baseline, "table": result_table, "evaluations": evaluations, "criterion": criterion,
             "ratios": ratios}
+
+
+def _batchnorm_layers(model) -> list:
+    from ..paddle_env import paddle
+
+    base = paddle().nn.layer.norm._BatchNormBase
+    return [layer for layer in model.sublayers(include_self=True) if isinstance(layer, base)]
+
+
+def recalibrate_batchnorm(model, batches) -> int:
+    """Recompute the running mean and variance of every BatchNorm layer of ``model`` from ``batches`` (each a list
+    whose first item is the input), in place; returns the number of layers recalibrated.
+
+    The layers normalise by batch statistics during these passes (as in training), so each layer sees inputs
+    already shaped by the recalibrated layers before it. The statistics are pooled over all batches with equal
+    weight (not a moving average); the weights are not changed. The model is left in eval mode.
+    """
+    import numpy as np
+
+    from ..paddle_env import paddle
+
+    p = paddle()
+    layers = _batchnorm_layers(model)
+    if not layers:
+        return 0
+    sums: dict[int, list] = {id(layer): [] for layer in layers}
+
+    def hook(layer, inputs):
+        x = inputs[0]
+        channel_axis = 1 if str(getattr(layer, "_data_format", "NCHW")).startswith("NC") else len(x.shape) - 1
+        axes = [a for a in range(len(x.shape)) if a != channel_axis]
+        xs = x.numpy().astype(np.float64)
+        sums[id(layer)].append((xs.mean(axis=tuple(axes)), (xs ** 2).mean(axis=tuple(axes))))
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    model.train()
+    try:
+        with p.no_grad():
+            for batch in batches:
+                model(batch[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.eval()
+    for layer in layers:
+        stats = sums[id(layer)]
+        if not stats:
+            continue  # not on the forward path
+        mean = np.mean([m for m, _ in stats], axis=0)
+        variance = np.maximum(np.mean([q for _, q in stats], axis=0) - mean ** 2, 0.0)
+        layer._mean.set_value(mean.astype(layer._mean.numpy().dtype))
+        layer._variance.set_value(variance.astype(layer._variance.numpy().dtype))
+    return len(layers)
+
+
+def channel_gradient_products(model, groups, names, batches, loss_fn) -> dict[str, "np.ndarray"]:
+    """Per group in ``names``: a [batches, channels] array of sum(a * dL/da) over each channel's activations.
+
+    Read off the consumers of the group (the convolutions and linear layers that take its channels as input):
+    for a layer linear in its input, sum(w * dL/dw) over the weights that read channel c equals sum(a_c * dL/da_c)
+    over what flows into that layer. One backward pass per batch, on a copy in training mode (the outputs a
+    model's own loss expects; the copy's BatchNorm statistics move, ``model``'s do not).
+    """
+    import numpy as np
+
+    from .importance import _channel_rows
+
+    model = copy.deepcopy(model)
+    model.train()
+    weights = {name: param for name, param in model.named_parameters() if not param.stop_gradient}
+    chosen = [g for g in groups if g.name in set(names)]
+    members = {g.name: [m for m in g.members if m.role in CONSUMER_ROLES and m.param in weights] for g in chosen}
+    products: dict[str, list] = {g.name: [] for g in chosen}
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        arrays = {}
+        for g in chosen:
+            row = np.zeros(g.channels)
+            for m in members[g.name]:
+                param = weights[m.param]
+                if param.grad is None:
+                    continue
+                if m.param not in arrays:
+                    arrays[m.param] = param.numpy().astype(np.float64) * param.grad.numpy().astype(np.float64)
+                row += _channel_rows(arrays[m.param], m, g.channels).sum(axis=1)
+            products[g.name].append(row)
+        for param in weights.values():
+            param.clear_gradient(False)
+    return {name: np.array(rows) for name, rows in products.items()}
+
+
+def predicted_loss(products, removed) -> float:
+    """Predicted rise of the training loss when the channels ``removed`` go: the size of the first-order term
+    (the mean over batches of -sum(a * dL/da)) plus the Fisher term (half the mean square over batches).
+
+    At a trained minimum the first-order term averages near zero; the spread of its per-batch values is what
+    tells an unused channel (always ~0) from one the loss leans on. The first-order term counts by its size:
+    a removal that the linear term says would lower the loss is not trusted to.
+    """
+    import numpy as np
+
+    if len(removed) == 0:
+        return 0.0
+    per_batch = -products[:, list(removed)].sum(axis=1)
+    return float(abs(per_batch.mean()) + 0.5 * (per_batch ** 2).mean())
+
+
+def calibration_map(points: list[tuple[float, float]]) -> Callable[[float], float]:
+    """A non-decreasing map from predicted loss to measured relative metric loss through (0, 0) and the measured
+    ``points`` (pooled where they disagree with monotonicity), linear between them and proportional beyond the
+    last one, capped at 1 (a relative loss cannot exceed it for a metric that bottoms out at 0)."""
+    import numpy as np
+
+    pts = sorted((max(float(x), 0.0), float(y)) for x, y in points)
+    blocks: list[list[float]] = []  # pool adjacent violators: [sum_x, sum_y, n]
+    for x, y in pts:
+        blocks.append([x, y, 1])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last)]
+    xs = [0.0] + [b[0] / b[2] for b in blocks]
+    ys = [0.0] + [max(b[1] / b[2], 0.0) for b in blocks]
+    ys = list(np.maximum.accumulate(ys))
+
+    def to_metric_loss(x: float) -> float:
+        x = max(float(x), 0.0)
+        if x <= xs[-1]:
+            return float(np.interp(x, xs, ys))
+        if xs[-1] <= 0:
+            return float(min(ys[-1], 1.0))
+        return float(min(max(ys[-1] * x / xs[-1], ys[-1]), 1.0))
+
+    return to_metric_loss
+
+
+def taylor_sensitivity(model, input_shape, evaluate: Callable[[Any], float], batches, loss_fn, *, ratios,
+                       criterion: str = "l1_norm", params=None, calibration: int = 8, higher_is_better: bool = True,
+                       bn_batches=None) -> dict:
+    """The sensitivity table from one-shot first-order Taylor scores: no evaluation per (group, ratio).
+
+    ``batches`` (training batches) and ``loss_fn(model, batch) -> scalar loss`` give every channel's products
+    (:func:`channel_gradient_products`); for each group and ratio, the channels the sensitivity ``criterion`` would
+    remove are scored together (:func:`predicted_loss`). ``calibration`` candidates (spread over the range of
+    predictions) are then pruned and evaluated, with BatchNorm recalibrated on ``bn_batches`` when given, and the
+    predictions mapped onto the measured relative losses (:func:`calibration_map`); with ``calibration=0`` the
+    table holds the raw predicted rise of the training loss, which ranks groups but is not a metric loss.
+    ``evaluate`` runs ``1 + calibration`` times. Returns what :func:`compute_sensitivity` returns, plus
+    ``"predicted"`` (the raw table) and ``"calibration_points"``.
+    """
+    import numpy as np
+
+    ratios = _check_ratios(ratios, "sensitivity.ratios")
+    if criterion not in SENSITIVITY_CRITERIA:
+        raise RecipeError(f"unknown criterion {criterion!r}; choose one of {list(SENSITIVITY_CRITERIA)}",
+                          path="sensitivity.criterion")
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
+        raise RecipeError(f"must be a whole number >= 0, got {calibration!r}", path="sensitivity.taylor_calibration")
+    batches = list(batches)
+    if not batches:
+        raise RecipeError("give at least one training batch", path="sensitivity.taylor_batches")
+    full_shape(input_shape)
+    groups, prunable = analyse(model, input_shape)
+    targets = [e["name"] for e in select_groups(prunable, params, "sensitivity.params")]
+    by_name = {g.name: g for g in groups}
+    products = channel_gradient_products(model, groups, targets, batches, loss_fn)
+    predicted: dict[str, dict[str, float]] = {}
+    for name in targets:
+        group = by_name[name]
+        # least important first, ties to the lower index: the order channels_to_remove takes them in
+        ranked = np.argsort(np.asarray(group_importance(model, group, criterion)), kind="stable")
+        row = {}
+        for r in ratios:
+            n_remove = group.channels - _kept_channels(group.channels, r)
+            row[ratio_key(r)] = predicted_loss(products[name], ranked[:n_remove])
+        predicted[name] = row
+
+    evaluations = 0
+
+    def measure(candidate) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        value = float(evaluate(candidate))
+        if not math.isfinite(value):
+            raise StageError(f"evaluate() returned {value}")
+        return value
+
+    baseline = measure(model)
+    if baseline <= 0:
+        raise StageError(f"the model's baseline metric is {baseline:g}: a sensitivity analysis measures the metric's "
+                         "relative drop, which means nothing for a model that scores 0 or less")
+    points = []
+    cells = sorted(((v, name, key) for name, row in predicted.items() for key, v in row.items()))
+    if calibration and cells:
+        picks = sorted({int(round(i)) for i in np.linspace(0, len(cells) - 1, min(calibration, len(cells)))})
+        bn_batches = list(bn_batches or [])
+        for i in picks:
+            value, name, key = cells[i]
+            candidate = pruned_copy(model, groups, name, float(key), criterion)
+            if bn_batches:
+                recalibrate_batchnorm(candidate, bn_batches)
+            metric = measure(candidate)
+            drop = baseline - metric if higher_is_better else metric - baseline
+            points.append({"group": name, "ratio": key, "predicted": value, "loss": drop / baseline})
+        to_loss = calibration_map([(pt["predicted"], pt["loss"]) for pt in points])
+        table = {name: {k: to_loss(v) for k, v in row.items()} for name, row in predicted.items()}
+        for pt in points:  # a candidate measured is known, not predicted
+            table[pt["group"]][pt["ratio"]] = pt["loss"]
+    else:
+        table = {name: dict(row) for name, row in predicted.items()}
+    return {"baseline": baseline, "table": table, "evaluations": evaluations, "criterion": criterion,
+            "ratios": ratios, "predicted": predicted, "calibration_points": points}
 
 
 def select_groups(prunable: list[dict], params, path: str) -> list[dict]:
@@ -178,6 +411,9 @@ def _load_checkpoint(path: Path, criterion: str, weights_sha256: str, fresh: dic
     if state.get("criterion") != criterion:
         raise StageError(f"the checkpoint {path} was measured with criterion {state.get('criterion')!r}, "
                          f"not {criterion!r}; delete it or use the same criterion")
+    if state.get("bn_recalibration", 0) != fresh["bn_recalibration"]:
+        raise StageError(f"the checkpoint {path} was measured with {state.get('bn_recalibration', 0)} BatchNorm "
+                         f"recalibration batches, not {fresh['bn_recalibration']}; delete it or use the same setting")
     if state.get("weights_sha256") != weights_sha256:
         raise StageError(f"the checkpoint {path} was measured on other weights; delete it to start over")
     table = state.get("table")

@@ -1,7 +1,13 @@
 """`sensitivity`: how much the metric drops when each convolution alone loses a share of its filters.
 
-Sources: `compute` (measured here, cached by content hash, resumable), `file` (slimrecipe JSON or a PaddleSlim
+Sources: `compute` (estimated here, cached by content hash, resumable), `file` (slimrecipe JSON or a PaddleSlim
 pickle, read without running any code from it), `builtin` (tables shipped with the package).
+
+A computed table comes from one of two estimators (`method`): `measure` evaluates every (group, ratio) on a
+pruned copy, optionally after recomputing the copy's BatchNorm statistics on `bn_recalibration` training batches;
+`taylor` scores every group at every ratio from `taylor_batches` backward passes and maps the scores onto the
+metric's loss by measuring `taylor_calibration` candidates. The method and its settings are part of the table's
+`computed_on` and so of its cache key.
 
 A computed table can be split over jobs: `shard: i/n` measures every n-th group (round-robin in model order,
 starting at the i-th), writes that part to the cache next to the full table (``<key>.shard-<i>of<n>.json``) and
@@ -36,6 +42,19 @@ SCHEMA = {
                    "description": "pruning ratios tried for every parameter (compute)"},
         "criterion": {"enum": ["l1_norm", "l2_norm", "fpgm"], "default": "l1_norm",
                       "description": "filter ranking (compute)"},
+        "method": {"enum": ["measure", "taylor"], "default": "measure",
+                   "description": "measure: evaluate each group at each ratio; taylor: one-shot first-order Taylor "
+                                  "scores from a few backward passes, calibrated by a few evaluations (compute)"},
+        "bn_recalibration": {"type": "integer", "minimum": 0, "default": 0,
+                             "description": "recompute a pruned candidate's BatchNorm statistics on this many "
+                                            "training batches before evaluating it (0: off)"},
+        "taylor_batches": {"type": "integer", "minimum": 1, "default": 8,
+                           "description": "method taylor: training batches of backward passes"},
+        "taylor_calibration": {"type": "integer", "minimum": 0, "default": 8,
+                               "description": "method taylor: candidates evaluated to map scores onto the metric's "
+                                              "loss (0: the table holds the predicted training-loss rise)"},
+        "train_batch_size": {"type": "integer", "minimum": 1, "default": 32,
+                             "description": "batch size of the training batches of taylor and bn_recalibration"},
         "subset": {"type": ["integer", "null"], "minimum": 1, "default": None,
                    "description": "evaluate on the first N validation samples (null: all)"},
         "loss_ceiling": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
@@ -137,12 +156,14 @@ def _compute(state, params: dict) -> dict:
     criterion = params["criterion"]
     subset = Subset(state.data.val, params["subset"])
     batch_size = int(params["batch_size"])
+    method = params["method"]
     computed_on = {
         "weights_sha256": sha256_file(state.weights) if state.weights else None,
         "plan": state.plan,
         "data": sha256_json(state.data.manifest), "subset": len(subset),
         "metric": state.recipe["metric"], "criterion": criterion, "ratios": ratios,
-        "loss_ceiling": params["loss_ceiling"], "params": params["params"],
+        "loss_ceiling": params["loss_ceiling"] if method == "measure" else None, "params": params["params"],
+        "estimator": estimator_settings(params),
     }
     key = sha256_json(computed_on)[:24]
     about = {"source": "compute", "computed_on": computed_on, "cache_key": key}
@@ -156,11 +177,26 @@ def _compute(state, params: dict) -> dict:
 
         checkpoint = (entry.with_suffix(".partial.json") if use_cache
                       else state.stage_dir / "sensitivity.partial.json")
-        result = compute_sensitivity(
-            state.model, state.input_shape, lambda m: state.evaluate(m, subset, batch_size),
-            ratios=ratios, criterion=criterion, params=names, loss_ceiling=params["loss_ceiling"],
-            higher_is_better=state.metric.higher_is_better, checkpoint_path=checkpoint, progress=True,
-        )
+        bn_batches = training_batches(state, params["bn_recalibration"], params["train_batch_size"])
+        evaluate = lambda m: state.evaluate(m, subset, batch_size)  # noqa: E731
+        if method == "taylor":  # one shot, seconds: nothing worth checkpointing
+            from ..pruning.sensitivity import taylor_sensitivity
+            from ._training import default_loss
+
+            loss_of = getattr(state.model, "loss", None) or default_loss
+            result = taylor_sensitivity(
+                state.model, state.input_shape, evaluate,
+                training_batches(state, params["taylor_batches"], params["train_batch_size"]),
+                lambda m, batch: loss_of(m(batch[0]), batch), ratios=ratios, criterion=criterion, params=names,
+                calibration=params["taylor_calibration"], higher_is_better=state.metric.higher_is_better,
+                bn_batches=bn_batches)
+        else:
+            result = compute_sensitivity(
+                state.model, state.input_shape, evaluate,
+                ratios=ratios, criterion=criterion, params=names, loss_ceiling=params["loss_ceiling"],
+                higher_is_better=state.metric.higher_is_better, checkpoint_path=checkpoint, progress=True,
+                bn_batches=bn_batches,
+            )
         return {"baseline": result["baseline"], "table": _str_keys(result["table"]),
                 "evaluations": result["evaluations"], "checkpoint": checkpoint}
 
@@ -194,6 +230,30 @@ def _compute(state, params: dict) -> dict:
                 measured["checkpoint"].unlink(missing_ok=True)
     doc.update(cache="merged" if parts else "miss", evaluations_this_run=measured["evaluations"] if measured else 0)
     return doc
+
+
+def estimator_settings(params: dict) -> dict:
+    """How a computed table is estimated: the method and only the settings it uses (they key the cache)."""
+    settings = {"method": params["method"], "bn_recalibration": int(params["bn_recalibration"])}
+    if params["method"] == "taylor":
+        settings.update(taylor_batches=int(params["taylor_batches"]),
+                        taylor_calibration=int(params["taylor_calibration"]))
+    if params["method"] == "taylor" or settings["bn_recalibration"]:
+        settings["train_batch_size"] = int(params["train_batch_size"])
+    return settings
+
+
+def training_batches(state, count: int, batch_size: int) -> list:
+    """The first ``count`` shuffled training batches (the run's seed): the same ones for every candidate."""
+    from ..batching import iterate_batches
+
+    if not count:
+        return []
+    if len(state.data.train) < batch_size:
+        raise RecipeError(f"train_batch_size {batch_size} is larger than the training split "
+                          f"({len(state.data.train)} samples)", path="sensitivity.train_batch_size")
+    batches = iterate_batches(state.data.train, batch_size, shuffle=True, seed=state.seed, drop_last=True)
+    return [b for _, b in zip(range(count), batches)]
 
 
 def _groups(state, params: dict) -> list[str]:
