@@ -76,9 +76,10 @@ def main() -> None:
         arms[arm] = record
         print(f"{arm:<9} " + "  ".join(f"step {h['step']}: {h['metric']:.4f}" for h in record["curve"]),
               flush=True)
-    write_results("ppocr_det_recovery", {"baseline": baseline, "arms": arms},
-                  {**vars(args), "finetune": finetune, "val_images": len(state.data.val),
-                   "train_images": len(state.data.train)})
+        # after every arm: an arm done is kept when a later one is interrupted
+        write_results("ppocr_det_recovery", {"baseline": baseline, "arms": arms},
+                      {**vars(args), "finetune": finetune, "val_images": len(state.data.val),
+                       "train_images": len(state.data.train)})
 
 
 if __name__ == "__main__":

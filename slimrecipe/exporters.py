@@ -187,8 +187,9 @@ def eager_outputs(model, x: np.ndarray) -> list[np.ndarray]:
 
 
 def check_parity(target: str, reference: list[np.ndarray], got: list[np.ndarray], *, atol: float, rtol: float,
-                 quantized: bool, where: Path | None = None, quantile: float = 1.0) -> dict:
-    """Figures comparing a reloaded export with the in-memory model; ``StageError`` when out of tolerance."""
+                 quantized: bool, where: Path | None = None, quantile: float = 1.0, enforce: bool = True) -> dict:
+    """Figures comparing a reloaded export with the in-memory model; ``StageError`` when out of tolerance,
+    unless ``enforce`` is false (the figures are then recorded, ``enforced: false``, and not judged)."""
     at = f" at {where}" if where else ""
     if len(reference) != len(got) or any(r.shape != g.shape for r, g in zip(reference, got)):
         raise StageError(f"{target} export{at} does not reproduce the in-memory model: output shapes "
@@ -214,12 +215,13 @@ def check_parity(target: str, reference: list[np.ndarray], got: list[np.ndarray]
         "quantized": quantized,
         "batch": int(reference[0].shape[0]) if reference[0].ndim else 1,
         "ok": bool(finite and max_diff <= tolerance),
+        "enforced": enforce,
     }
     first = reference[0]
     if first.ndim == 2 and first.shape[1] > 1:
         # a classifier's decisions are what a user sees change
         parity["top1_agreement"] = float(np.mean(first.argmax(1) == got[0].argmax(1)))
-    if not parity["ok"]:
+    if enforce and not parity["ok"]:
         worst = int(np.argmax(diffs))
         raise StageError(
             f"{target} export{at} does not reproduce the in-memory model on the parity batch of "
@@ -807,7 +809,9 @@ def export_onnx(params: dict, ctx: ExportContext) -> ExportResult:
                              "onnxruntime would run it in float")
         runner, kernels = onnx_session(onnx_file, threads=prm["threads"], record_kernels=int8)
         got = runner.run_all(x)
-        parity = check_parity(target, reference, got, quantized=int8, **_tolerances(prm, int8))
+        # a ptq model must be the very int8 model whose metric the ptq stage measured (checked exactly below);
+        # how far it lies from the float model is then recorded, not judged: the metric has judged it
+        parity = check_parity(target, reference, got, quantized=int8, enforce=not ptq, **_tolerances(prm, int8))
         details = {"threads": prm["threads"], "opset_requested": prm["opset"], "opset": opset,
                    "input_name": INPUT_NAME, "dynamic_hw": ctx.dynamic_hw, "quantized": int8,
                    "model_file": onnx_file.name, "qdq_nodes": qdq, "has_qdq": has_qdq,
