@@ -28,14 +28,15 @@ from pathlib import Path
 
 from _results import write_results
 
-from slimrecipe.batching import Subset, iterate_batches
+from slimrecipe.batching import Subset
 from slimrecipe.config import compose, validate
 from slimrecipe.paddle_env import paddle, paddleslim, quiet_paddleslim_loggers
 from slimrecipe.pruning import (apply_plan, apply_skip_rules, compute_sensitivity, count_flops, load_sensitivity_file,
                                 make_plan, prunable_params, ratios_for_flops_target, ratios_for_metric_loss)
 from slimrecipe.pruning.sensitivity import taylor_sensitivity
 from slimrecipe.run import execute
-from slimrecipe.stages._training import default_loss, fit
+from slimrecipe.stages._training import batch_loss, fit
+from slimrecipe.stages.sensitivity import training_batches
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # PaddleSlim's fixed grid, used by every arm
 ARMS = ("paddleslim_full", "paddleslim_subset", "taylor", "measure")
@@ -75,9 +76,7 @@ def main() -> None:
     quiet_paddleslim_loggers()
 
     def train_batches(count: int) -> list:
-        batches = iterate_batches(state.data.train, args.train_batch_size, shuffle=True, seed=state.seed,
-                                  drop_last=True)
-        return [b for _, b in zip(range(count), batches)]
+        return training_batches(state, count, args.train_batch_size)
 
     def run_paddleslim(dataset, tag: str) -> dict:
         model = copy.deepcopy(base_model)
@@ -105,10 +104,9 @@ def main() -> None:
             calls["n"] += 1
             return state.evaluate(m, subset, 256)
 
-        loss_of = getattr(model, "loss", None) or default_loss
         t0 = time.perf_counter()
         result = taylor_sensitivity(
-            model, shape, evaluate, train_batches(args.taylor_batches), lambda m, b: loss_of(m(b[0]), b),
+            model, shape, evaluate, train_batches(args.taylor_batches), batch_loss(model),
             ratios=GRID, calibration=args.taylor_calibration, bn_batches=train_batches(args.bn_recalibration))
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "evaluations": calls["n"], "images_evaluated": calls["n"] * len(subset),

@@ -47,3 +47,23 @@ def compose_recipe():
     return _compose
 
 
+@pytest.fixture(scope="session")
+def train_briefly():
+    """``train_briefly(model, sample, steps, batch_size)``: Adam (lr 0.01) on cross-entropy for ``steps`` batches
+    drawn by ``sample(n) -> (x, y)``; leaves the model in eval mode. Tests use it for small trained models."""
+    def train(model, sample, steps: int, batch_size: int):
+        from slimrecipe.paddle_env import paddle
+
+        p = paddle()
+        opt = p.optimizer.Adam(learning_rate=0.01, parameters=model.parameters())
+        model.train()
+        for _ in range(steps):
+            x, y = sample(batch_size)
+            loss = p.nn.functional.cross_entropy(model(p.to_tensor(x)), p.to_tensor(y))
+            loss.backward()
+            opt.step()
+            opt.clear_grad()
+        model.eval()
+        return model
+
+    return train

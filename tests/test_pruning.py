@@ -36,7 +36,7 @@ def build(channels=(8, 16, 32)):
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(train_briefly):
     """A tiny_cnn [16, 32, 64] trained briefly on a synthetic 10-class task, plus its held-out batch."""
     p = P()
     p.seed(0)
@@ -47,16 +47,7 @@ def trained():
         y = rng.integers(0, 10, n)
         return (protos[y] + 0.8 * rng.normal(size=(n, 3, 16, 16))).astype("float32"), y
 
-    model = build((16, 32, 64))
-    opt = p.optimizer.Adam(learning_rate=0.01, parameters=model.parameters())
-    model.train()
-    for _ in range(25):
-        x, y = batch(64)
-        loss = p.nn.functional.cross_entropy(model(p.to_tensor(x)), p.to_tensor(y))
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
-    model.eval()
+    model = train_briefly(build((16, 32, 64)), batch, steps=25, batch_size=64)
     x, y = batch(128)
     state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     return SimpleNamespace(state=state, x=x, y=y)

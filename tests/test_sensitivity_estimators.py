@@ -30,7 +30,7 @@ def build(channels=(8, 8, 8)):
 
 
 @pytest.fixture(scope="module")
-def task():
+def task(train_briefly):
     """A tiny_cnn trained briefly on a synthetic 4-class task; training batches and a held-out set."""
     p = P()
     rng = np.random.default_rng(0)
@@ -40,16 +40,7 @@ def task():
         y = rng.integers(0, 4, n)
         return (protos[y] + 0.7 * rng.normal(size=(n, *SHAPE))).astype("float32"), y.astype("int64")
 
-    model = build()
-    opt = p.optimizer.Adam(learning_rate=0.01, parameters=model.parameters())
-    model.train()
-    for _ in range(30):
-        x, y = sample(32)
-        loss = p.nn.functional.cross_entropy(model(p.to_tensor(x)), p.to_tensor(y))
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
-    model.eval()
+    model = train_briefly(build(), sample, steps=30, batch_size=32)
     train = [[p.to_tensor(x), p.to_tensor(y)] for x, y in (sample(32) for _ in range(12))]
     held_x, held_y = sample(256)
     state = {k: v.numpy().copy() for k, v in model.state_dict().items()}

@@ -68,6 +68,12 @@ def default_loss(outputs, batch):
     return paddle().nn.functional.cross_entropy(outputs, batch[1])
 
 
+def batch_loss(model):
+    """``loss(m, batch)``: the training loss of ``m`` on ``batch`` (``model``'s own ``loss``, else cross-entropy)."""
+    loss_of = getattr(model, "loss", None) or default_loss
+    return lambda m, batch: loss_of(m(batch[0]), batch)
+
+
 def fit(state, model, params: dict, *, out_dir: Path, desc: str, teacher=None, distill: dict | None = None) -> dict:
     """Train ``model`` in place; returns the history and the evaluated metrics. Resumes from ``out_dir``."""
     from tqdm import tqdm

@@ -181,13 +181,12 @@ def _compute(state, params: dict) -> dict:
         evaluate = lambda m: state.evaluate(m, subset, batch_size)  # noqa: E731
         if method == "taylor":  # one shot, seconds: nothing worth checkpointing
             from ..pruning.sensitivity import taylor_sensitivity
-            from ._training import default_loss
+            from ._training import batch_loss
 
-            loss_of = getattr(state.model, "loss", None) or default_loss
             result = taylor_sensitivity(
                 state.model, state.input_shape, evaluate,
                 training_batches(state, params["taylor_batches"], params["train_batch_size"]),
-                lambda m, batch: loss_of(m(batch[0]), batch), ratios=ratios, criterion=criterion, params=names,
+                batch_loss(state.model), ratios=ratios, criterion=criterion, params=names,
                 calibration=params["taylor_calibration"], higher_is_better=state.metric.higher_is_better,
                 bn_batches=bn_batches)
         else:
