@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+
 from ..errors import RecipeError
 from ..fileio import read_json, write_json
 from ..pruning.latency import TARGET_SCHEMA as LATENCY_TARGET_SCHEMA
 from ..registry import register
 from ._training import save_weights
 
+RECONSTRUCT_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "after cutting, refit every plain convolution and linear layer, from the input on, so that it "
+                   "computes what the unpruned model computed there (least squares on training images, each layer "
+                   "on the inputs the refitted layers before it give it). Only values change: the plan still fits",
+    "properties": {
+        "enabled": {"type": "boolean", "default": True},
+        "images": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 64,
+                   "description": "training images the layers are refitted on (one forward pass of each model)"},
+        "samples": {"type": "integer", "minimum": 64, "maximum": 1000000, "default": 16384,
+                    "description": "output positions per layer the least squares fit"},
+        "ridge": {"type": "number", "minimum": 0, "maximum": 100, "default": 0.01,
+                  "description": "pull towards the layer's pruned weights, relative to the mean feature energy"},
+    },
+}
 SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -61,6 +79,7 @@ SCHEMA = {
                       "description": "flops target: allowed distance from the target cut; latency target: how far "
                                      "below the asked share the planned share may fall"},
         "align": {"enum": [None, 1, 8, 16], "default": None, "description": "keep channel counts a multiple of this"},
+        "reconstruct": RECONSTRUCT_SCHEMA,
     },
 }
 
@@ -123,8 +142,10 @@ def prune(state, params: dict) -> dict:
     if params["backend"] == "paddleslim":
         plan = paddleslim_choices(model, shape, plan, groups)
     taylor = _taylor_scores(state, model, params["taylor_batches"]) if criterion == "taylor" else None
+    teacher = copy.deepcopy(model) if params["reconstruct"]["enabled"] else None
     plan = apply_plan(model, shape, plan, taylor=taylor)
     write_json(state.run_dir / "plan.json", plan)  # now with the channels each group lost
+    reconstruction = _reconstruct(state, model, teacher, groups, plan, params["reconstruct"]) if teacher else None
     weights = save_weights(model, state.stage_dir / "model.pdparams")
     after = state.measure(model)
     latency_result = latency.verify(model) if latency else None
@@ -136,8 +157,35 @@ def prune(state, params: dict) -> dict:
     return {"before": before, "after": after, "metric": after["metric"], "flops": after["flops"],
             "params": after["params"], "flops_cut": 1 - after["flops"] / before["flops"],
             "target": target, "achieved_flops_cut_planned": achieved, "plan_summary": summary,
+            **({"reconstruction": reconstruction} if reconstruction else {}),
             **({"latency": latency_result} if latency_result else {}),
             "checkpoint": state.set_model(model, weights, plan=plan)}
+
+
+def _reconstruct(state, model, teacher, groups, plan: dict, params: dict) -> dict:
+    """Refit the pruned ``model`` to ``teacher`` (the model before the cut) on training images; the layer errors."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..pruning.reconstruct import reconstruct
+    from .sensitivity import training_batches
+
+    images = min(params["images"], len(state.data.train))
+    batch = training_batches(state, 1, images)[0][0]
+    removed = {name: item["removed"] for name, item in plan["params"].items()}
+    start = time.perf_counter()
+    with tqdm(desc="reconstruct", unit="layer", leave=False) as bar:
+        def progress(done, total, name):
+            bar.total = total
+            bar.update(1)
+
+        result = reconstruct(model, teacher, groups, removed, [batch], samples=params["samples"],
+                             ridge=params["ridge"], seed=state.seed, progress=progress)
+    result.update(images=images, seconds=round(time.perf_counter() - start, 1))
+    print(f"  reconstructed {result['layers']} layers on {images} training images: output error (relative, summed "
+          f"over layers) {result['error_before']:.3g} -> {result['error_after']:.3g}")
+    return result
 
 
 def _baseline_metric(state) -> float:

@@ -38,6 +38,7 @@ def collect(state) -> dict:
     return {"recipe": state.recipe["name"], "metric_name": state.metric.name, "phases": rows, "exports": exports,
             "plan": plan, "ptq": _ptq_summary(state.results.get("ptq")), "rounds": _rounds(state.run_dir),
             "latency_target": (state.results.get("prune") or {}).get("latency"),
+            "reconstruction": (state.results.get("prune") or {}).get("reconstruction"),
             "run_dir": str(state.run_dir),
             "seconds": {k: v.get("seconds") for k, v in state.results.items()}}
 
@@ -76,6 +77,12 @@ def render_markdown(rep: dict) -> str:
         p = rep["plan"]
         lines += ["", "## Pruning plan", "", f"{p['pruned']} of {p['prunable']} prunable convolutions pruned, "
                   f"{p['skipped']} skipped (see plan.json for the rule behind each)."]
+        r = rep.get("reconstruction")
+        if r:
+            lines[-1] += (f" After the cut, {r['layers']} layers were refitted by least squares to the unpruned "
+                          f"model's outputs on {r['images']} training images (relative output error, summed over "
+                          f"those layers: {r['error_before']:.3g} before, {r['error_after']:.3g} after); the pruned "
+                          f"row is the refitted model.")
     if rep.get("rounds"):
         lines += ["", *_rounds_lines(rep["rounds"], m)]
     if rep.get("latency_target"):
