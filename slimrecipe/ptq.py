@@ -1,12 +1,18 @@
-"""Post-training int8 quantization on onnxruntime: calibrate once, quantize to QDQ, and hand the layers that
-suffer most back to float until the metric loss fits the recipe's budget.
+"""Post-training int8 quantization, for onnxruntime or for Paddle Inference: calibrate once on training images,
+quantize, and hand the layers that suffer most back to float until the metric loss fits the recipe's budget.
 
-The float model goes to ONNX the way the `onnx` exporter writes it, then through onnxruntime's own
+onnxruntime: the float model goes to ONNX the way the `onnx` exporter writes it, then through onnxruntime's own
 pre-processing (shape inference; conv-BN and bias folding) and ``onnxruntime.quantization.quantize_static``:
 weights per output channel (int8), activations per tensor (uint8 or int8), scales from a calibration pass over
 training images (min-max, percentile or entropy). The calibration pass runs once; its ranges are kept in a
 JSON file (onnxruntime's calibration cache), so every later quantization of the same model, with some layers
 left in float, reuses them and differs only in which layers are quantized.
+
+Paddle Inference: the float model is quantized with slimrecipe's own QAT quanters (:mod:`slimrecipe.qat`:
+conv-BN folded first, int8 weights per channel, activations and layer outputs with the plain abs-max observer,
+no PACT) and calibrated by forward passes over training images, without any training. The result is a QAT
+model like any other, which the `export` stage saves as an int8 Paddle Inference program (and as QDQ ONNX).
+``paddle.quantization.PTQ`` is not used: on Paddle 3.3 it calibrates but cannot save its model.
 
 Which layers go back to float is measured, not guessed: each quantizable layer is quantized on its own and the
 model's outputs on a few training images are compared with the float model's (signal-to-quantization-noise
@@ -16,6 +22,7 @@ ratio, dB); the layers with the lowest ratio go first.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -307,3 +314,202 @@ def accuracy_control(measure: Callable[[list[str]], float], float_metric: float,
 
 def threads_for_evaluation() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------------- Paddle Inference
+# the layer types that are quantized: those of the onnxruntime default (Conv, ConvTranspose, MatMul, Gemm)
+PADDLE_LAYER_TYPES = ("Conv2D", "Conv2DTranspose", "Linear")
+_OBSERVED = "._observed"  # the suffix Paddle's ObserveWrapper adds to a layer whose output is quantized
+
+
+def paddle_quant_config(per_channel: bool = True, float_layers: Sequence[str] = ()) -> dict:
+    """The `qat.config` of a model quantized after training for Paddle Inference (resolved, every key set)."""
+    from .qat import resolve_config
+
+    return resolve_config({
+        "pact": False,  # PACT learns its clipping while training: without training it is only abs-max
+        "weight_quantize_type": "channel_wise_abs_max" if per_channel else "abs_max",
+        "quantize_outputs": True, "quantizable_layer_type": list(PADDLE_LAYER_TYPES), "fuse_conv_bn": True,
+        "onnx_format": True, "float_layers": list(float_layers)})
+
+
+def paddle_quantize(float_model, config: dict, images: Sequence[np.ndarray], example: np.ndarray | None = None):
+    """A quantized copy of ``float_model`` (left untouched), calibrated on ``images``: (model, quanter).
+
+    ``example`` (a float32 batch) proves that folding BatchNorm into the convolutions kept the outputs.
+    """
+    from .qat import make_quanter, quantize
+
+    model = copy.deepcopy(float_model)
+    model.eval()
+    quanter = make_quanter(config)
+    quantize(model, quanter, example=example)
+    calibrate_observers(model, images)
+    return model, quanter
+
+
+def calibrate_observers(model, images: Sequence[np.ndarray]) -> int:
+    """Set the activation scales of a quantized model from ``images`` (CHW float32): each input and output
+    quanter's scale becomes the mean over the images of the abs-max of what it sees in the *float* model.
+
+    Not :func:`slimrecipe.qat.calibrate`, which runs the fake-quant model in training mode: there every quanter
+    sees activations already rounded upstream (a layer that int8 ruins then hands zeros to every scale after
+    it), dropout is active, and the moving average forgets the first images. Here the quanters only watch: the
+    forward passes run the float model in evaluation mode, one image at a time. Returns the number of quanters
+    calibrated.
+    """
+    from .paddle_env import paddle
+    from .qat import _layers
+
+    p = paddle()
+    observer_type = _layers().MovingAverageAbsMaxQuanter
+    seen: dict[int, list[float]] = {}
+
+    class Watch(p.nn.Layer):
+        """Stands in for a quanter during calibration: records the abs-max of each image, passes it on unrounded."""
+
+        def __init__(self, quanter):
+            super().__init__()
+            self.quanter = quanter
+
+        def forward(self, x):
+            seen.setdefault(id(self.quanter), []).append(float(p.max(p.abs(x))))
+            return x
+
+    def stand_in(owner, attr):
+        q = owner._sub_layers.get(attr)
+        return Watch(q) if isinstance(q, observer_type) else None  # weight quanters: bypassed (float weights)
+
+    observers = [m for m in model.sublayers() if isinstance(m, observer_type)]
+    model.eval()
+    with _quanters_replaced(model, (), stand_in), p.no_grad():
+        for x in images:
+            model(p.to_tensor(np.ascontiguousarray(x[None], dtype=np.float32)))
+    with p.no_grad():
+        for q in observers:
+            if id(q) in seen:  # a quanter of a branch that evaluation never runs keeps its initial scale
+                scale = max(float(np.mean(seen[id(q)])), 1e-8)
+                # the moving average's state agrees with the scale, as if it had seen one batch of this abs-max
+                q._scale.set_value(p.full([1], scale, dtype="float32"))
+                q._accum.set_value(p.full([1], scale, dtype="float32"))
+                q._state.set_value(p.ones([1], dtype="float32"))
+    return len(seen)
+
+
+def paddle_quantized_layers(model) -> list[dict]:
+    """The quantized layers of a quantized model, in order: structured name (what `float_layers` takes), layer
+    type and weight name, in the records the report lists."""
+    from .qat import quantized_layers
+
+    layers = dict(model.named_sublayers())
+    out = []
+    for name in quantized_layers(model):
+        plain = name[: -len(_OBSERVED)] if name.endswith(_OBSERVED) else name
+        op = type(layers[name]).__name__.replace("Quanted", "", 1)
+        out.append({"node": plain, "op": op, "weight": f"{plain}.weight", "param": f"{plain}.weight"})
+    return out
+
+
+@contextlib.contextmanager
+def only_quantized(model, keep):
+    """Within the block, the quantized layers not named in ``keep`` compute in float: their weight, input and
+    output quanters are bypassed (the calibrated scales are left as they are)."""
+    with _quanters_replaced(model, keep, lambda owner, attr: None):
+        yield model
+
+
+@contextlib.contextmanager
+def _quanters_replaced(model, keep, stand_in):
+    """Within the block, every quanter of the quantized layers not named in ``keep`` is replaced by
+    ``stand_in(owner, attr)`` (None or an identity: bypassed); they are put back on leaving."""
+    from .paddle_env import paddle
+
+    identity = paddle().nn.Identity()  # Paddle first through paddle_env (it loads zlib before Paddle)
+    from paddle.nn.quant.format import ConvertibleQuantedLayer
+    from paddle.quantization.wrapper import ObserveWrapper
+
+    slots = []
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, ObserveWrapper) and isinstance(layer._observed, ConvertibleQuantedLayer):
+            if name not in keep:
+                slots.append((layer, "_observer"))
+        elif isinstance(layer, ConvertibleQuantedLayer):
+            plain = name[: -len(_OBSERVED)] if name.endswith(_OBSERVED) else name
+            if plain not in keep:
+                slots += [(layer, "weight_quanter"), (layer, "activation_quanter")]
+    saved = [(owner, attr, owner._sub_layers.get(attr)) for owner, attr in slots]
+    try:
+        for owner, attr in slots:
+            new = stand_in(owner, attr)
+            # an ObserveWrapper calls its observer unconditionally: it needs a layer, not None
+            owner._sub_layers[attr] = identity if new is None and attr == "_observer" else new
+        yield model
+    finally:
+        for owner, attr, quanter in saved:
+            owner._sub_layers[attr] = quanter
+
+
+def paddle_layer_sensitivity(model, probe: Sequence[np.ndarray], *, progress: bool = True) -> list[dict]:
+    """Each layer of a calibrated quantized model quantized on its own (the others bypassed): SQNR of the
+    model's outputs on ``probe`` against every layer in float. Most sensitive (lowest SQNR) first."""
+    from .exporters import eager_outputs
+
+    layers = paddle_quantized_layers(model)
+
+    def outputs():
+        return [a for x in probe for a in eager_outputs(model, np.ascontiguousarray(x[None], dtype=np.float32))]
+
+    with only_quantized(model, ()):
+        reference = outputs()
+    out = []
+    for layer in _progress(layers, "per-layer int8 error", progress):
+        with only_quantized(model, {layer["node"]}):
+            db = sqnr_db(reference, outputs())
+        out.append({**layer, "sqnr_db": round(float(db), 3) if np.isfinite(db) else None})
+    return sorted(out, key=lambda d: (d["sqnr_db"] is None, d["sqnr_db"] if d["sqnr_db"] is not None else 0.0))
+
+
+@dataclass
+class PaddleOutcome:
+    """What :func:`paddle_ptq` delivers: the quantized model and its quanter (whose config names the layers left
+    in float), the accuracy control's rounds, every quantizable layer, and the per-layer ranking if one was made."""
+
+    model: object
+    quanter: object
+    control: Control
+    layers: list[dict]
+    ranking: list[dict]
+
+
+def paddle_ptq(float_model, images: Sequence[np.ndarray], evaluate: Callable[[object], float], *,
+               per_channel: bool = True, max_loss: float | None = None, max_rounds: int = 5, per_round: int = 2,
+               probe_images: int = 8, higher_is_better: bool = True, float_metric: float | None = None,
+               echo=print) -> PaddleOutcome:
+    """Quantize a copy of ``float_model`` for Paddle Inference, calibrated on ``images``; while the metric loss
+    (``evaluate(model)``, against ``float_metric`` or the float model's) exceeds ``max_loss``, leave the layers
+    whose int8 error alone is worst in float. Each round's model is quantized and calibrated from scratch with
+    its float layers, so the model delivered is the very one measured, and one that its config rebuilds."""
+    example = np.ascontiguousarray(images[0][None], dtype=np.float32)  # proves the conv-BN folding
+    if float_metric is None:
+        float_metric = evaluate(float_model)
+    built: dict[tuple, tuple] = {}  # float layers -> (model, quanter) of each round
+
+    def measure(float_layers: list[str]) -> float:
+        key = tuple(float_layers)
+        if key not in built:
+            built[key] = paddle_quantize(float_model, paddle_quant_config(per_channel, float_layers), images, example)
+        return evaluate(built[key][0])
+
+    ranking: list[dict] = []
+
+    def rank() -> list[str]:
+        probe = images[:probe_images]
+        echo(f"  measuring each layer's int8 error on {len(probe)} calibration images")
+        ranking.extend(paddle_layer_sensitivity(built[()][0], probe))
+        # the least sensitive layer stays int8 whatever happens: without one, the model is the float model
+        return [r["node"] for r in ranking][:-1]
+
+    ctl = accuracy_control(measure, float_metric, rank, max_loss=max_loss, max_rounds=max_rounds,
+                           per_round=per_round, higher_is_better=higher_is_better, echo=echo)
+    model, quanter = built[tuple(ctl.rounds[ctl.chosen].float_layers)]
+    return PaddleOutcome(model, quanter, ctl, paddle_quantized_layers(built[()][0]), ranking)

@@ -85,6 +85,12 @@ QAT_PARAMS_SCHEMA: dict = {
             "description": "save quantize_linear/dequantize_linear (QDQ) ops with rounded weights (needed by "
                            "the onnx exporter); false saves the training-time fake-quant ops",
         },
+        "float_layers": {
+            "type": "array", "uniqueItems": True, "items": {"type": "string", "minLength": 1}, "default": [],
+            "description": "layers left in float, by structured name (as in the state dict, e.g. layer1.0.conv1): "
+                           "neither their weights nor their inputs or outputs are quantized (the ptq stage's "
+                           "accuracy control for paddle_inference writes this)",
+        },
     },
 }
 
@@ -103,6 +109,7 @@ def resolve_config(config: dict | None, path: str = "qat.config") -> dict:
     resolved["moving_rate"] = float(resolved["moving_rate"])  # YAML gives 1 for 1.0
     resolved["pact_lr_multiplier"] = float(resolved["pact_lr_multiplier"])
     resolved["quantizable_layer_type"] = list(resolved["quantizable_layer_type"])
+    resolved["float_layers"] = list(resolved["float_layers"])
     return resolved
 
 
@@ -163,17 +170,38 @@ def quantize(model, quanter: Quanter, example=None):
     was_training = model.training
     if quanter.config["fuse_conv_bn"]:
         fuse_conv_bn(model, example)
+    hidden = _hide(model, quanter.config["float_layers"])
     model.train()  # Paddle's QAT refuses a model in eval mode
     try:
         quanter.qat.quantize(model, inplace=True)
         if quanter.config["quantize_outputs"]:
             _quantize_outputs(model, quanter.config)
     finally:
+        for (parent, name), layer in hidden.items():
+            parent._sub_layers[name] = layer
         model.train() if was_training else model.eval()
     if not quantized_layers(model):
         raise StageError(f"qat found no layer of the types {quanter.config['quantizable_layer_type']} to quantize "
                          "(qat.config.quantizable_layer_type)")
     return model
+
+
+def _hide(model, names) -> dict:
+    """Swap the `float_layers` out of the model for placeholders, so that Paddle's QAT does not wrap them (its
+    per-layer configs match Paddle's generated layer names, not structured ones); the caller puts them back."""
+    if not names:
+        return {}
+    layers = dict(model.named_sublayers())
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise StageError(f"qat.config.float_layers: the model has no layer named {missing[:5]}")
+    hidden = {}
+    for name in names:
+        prefix, _, attr = name.rpartition(".")
+        parent = layers[prefix] if prefix else model
+        hidden[(parent, attr)] = parent._sub_layers[attr]
+        parent._sub_layers[attr] = paddle().nn.Identity()
+    return hidden
 
 
 def _quantize_outputs(model, config: dict) -> None:

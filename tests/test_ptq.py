@@ -1,5 +1,5 @@
-"""Post-training int8 on onnxruntime: deterministic calibration, accuracy control that returns the right layers
-to float, and an exported int8 model that computes what the ptq stage measured."""
+"""Post-training int8 on onnxruntime and on Paddle Inference: deterministic calibration, accuracy control that
+returns the right layers to float, and an exported int8 model that computes what the ptq stage measured."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("paddle2onnx")
 
 from slimrecipe import ptq as lib  # noqa: E402
+from slimrecipe import qat  # noqa: E402
 from slimrecipe.errors import StageError  # noqa: E402
-from slimrecipe.exporters import ExportContext, export_onnx, float_onnx_bytes  # noqa: E402
+from slimrecipe.exporters import (ExportContext, eager_outputs, export_onnx, export_paddle_inference,  # noqa: E402
+                                  float_onnx_bytes, paddle_predictor)
 from slimrecipe.paddle_env import paddle  # noqa: E402
 from slimrecipe.stages.ptq import _param_for, calibration_images  # noqa: E402
 
@@ -191,3 +193,133 @@ def test_cls_prune_ptq_smoke_end_to_end(run_cli, tmp_path):
     assert onnx["compressed"]["details"]["ort_int8_kernels"]
     report = (run_dir / "report.md").read_text()
     assert "| int8 (PTQ) |" in report and "## Post-training int8 (accuracy control)" in report
+
+
+# ---------------------------------------------------------------------------------------------- paddle_inference
+# as tests/test_qat.py judges a QAT export: the same arithmetic up to float summation order (median), and at
+# most one int8 step where a rounding tie went the other way (max)
+TIGHT = 1e-4
+ONE_STEP = 0.05
+
+
+def assert_reproduces(got, expected, what=""):
+    diff = np.abs(got - expected)
+    assert np.median(diff) <= TIGHT and diff.max() < ONE_STEP, (what, float(np.median(diff)), float(diff.max()))
+
+
+def _scales(model) -> dict:
+    return {k: v.numpy().copy() for k, v in model.state_dict().items() if k.endswith("_scale")}
+
+
+def test_paddle_inference_calibration_is_deterministic_by_seed():
+    model = _three_convs(outlier=False)
+    x = np.stack(_images(3, seed=5))
+    before = eager_outputs(model, x)[0]
+    train = [(img, 0) for img in _images(40)]
+    config = lib.paddle_quant_config()
+    runs = {}
+    for tag, seed in (("a", 7), ("b", 7), ("c", 8)):
+        images, _ = calibration_images(train, 8, seed)
+        runs[tag] = (images, *lib.paddle_quantize(model, config, images))
+    (images_a, a, _), (_, b, _), (_, c, _) = runs["a"], runs["b"], runs["c"]
+    scales_a, scales_b, scales_c = _scales(a), _scales(b), _scales(c)
+    assert scales_a.keys() == scales_b.keys() and len(scales_a) == 9  # 3 layers: weight, input, output
+    for k in scales_a:
+        np.testing.assert_array_equal(scales_a[k], scales_b[k], err_msg=k)
+    np.testing.assert_array_equal(eager_outputs(a, x)[0], eager_outputs(b, x)[0])
+    # another draw of images gives other activation scales (the weight scales depend on the weights alone)
+    moved = [k for k in scales_a if not np.array_equal(scales_a[k], scales_c[k])]
+    assert moved and all("weight_quanter" not in k for k in moved)
+    # the first layer's input scale is what the schema says: the mean over the images of each one's abs-max
+    assert scales_a["conv1._observed.activation_quanter._scale"][0] == pytest.approx(
+        np.mean([np.abs(img).max() for img in images_a]), rel=1e-6)
+    np.testing.assert_array_equal(eager_outputs(model, x)[0], before)  # the float model is left alone
+
+
+def test_paddle_inference_exports_reproduce_the_in_memory_ptq_model(tmp_path):
+    from slimrecipe.models.vision import tiny_cnn
+
+    shape = [3, 16, 16]
+    paddle().seed(0)
+    model = tiny_cnn({"channels": [8, 16]}, __import__("types").SimpleNamespace(input_shape=shape, num_classes=10))
+    model.eval()
+    rng = np.random.default_rng(0)
+    images = [rng.random(shape, dtype=np.float32) for _ in range(8)]
+    quantized, quanter = lib.paddle_quantize(model, lib.paddle_quant_config(), images, images[0][None])
+    assert len(qat.quantized_layers(quantized)) == 3  # two convolutions (BatchNorm folded in) and the classifier
+    ctx = ExportContext(quantized, shape, False, np.stack(images[:4]), tmp_path, quanter)
+    pd = export_paddle_inference({}, ctx)
+    x = rng.random([6, *shape], dtype=np.float32)
+    expected = eager_outputs(quantized, x)[0]
+    # the rounding is visible: a reload that ran the float model would fail the comparison below
+    assert np.median(np.abs(eager_outputs(model, x)[0] - expected)) > 10 * TIGHT
+    model_file, params_file = qat.saved_files(pd.path / "model")
+    assert model_file.suffix == ".pdmodel" and pd.details["quantized"]  # an int8 (QDQ) program, legacy format
+    assert_reproduces(paddle_predictor(model_file, params_file)(x), expected, "paddle_inference")
+    # the onnx target writes the same model as QDQ, run by onnxruntime's int8 kernels
+    onnx = export_onnx({}, ctx)
+    assert onnx.details["has_qdq"] and onnx.details["ort_int8_kernels"]
+    assert_reproduces(lib.session(onnx.path / "model.onnx")(x), expected, "onnx")
+
+
+def test_paddle_inference_accuracy_control_leaves_the_culprits_in_float():
+    model = _three_convs(outlier=True)
+    images = _images(12)
+    held_out = np.stack(images[8:])
+    reference = eager_outputs(model, held_out)[0]
+
+    def relative_error(m) -> float:  # lower is better; 0 for the float model
+        return float(np.abs(eager_outputs(m, held_out)[0] - reference).mean() / np.abs(reference).mean())
+
+    out = lib.paddle_ptq(model, images[:8], relative_error, max_loss=0.05, max_rounds=3, per_round=2,
+                         probe_images=4, higher_is_better=False, echo=lambda *_: None)
+    order = [r["node"] for r in out.ranking]
+    assert sorted(order[:2]) == ["conv1", "conv2"] and order[2] == "conv3", out.ranking
+    assert out.ranking[1]["sqnr_db"] + 10 < out.ranking[2]["sqnr_db"]
+    ctl = out.control
+    assert ctl.rounds[0].loss > 0.5 and ctl.met is True and ctl.chosen == 1 and len(ctl.rounds) == 2
+    assert sorted(ctl.rounds[1].float_layers) == ["conv1", "conv2"] and ctl.rounds[1].loss <= 0.05
+    # the model delivered is the one measured, with only conv3 quantized
+    assert [layer["node"] for layer in lib.paddle_quantized_layers(out.model)] == ["conv3"]
+    assert relative_error(out.model) == ctl.rounds[1].metric
+    # and its config rebuilds it, as a resumed run does: same layers in float, same weights and scales
+    assert sorted(out.quanter.config["float_layers"]) == ["conv1", "conv2"]
+    rebuilt = qat.quantize(_three_convs(outlier=True), qat.make_quanter(out.quanter.config))
+    rebuilt.set_state_dict(out.model.state_dict())
+    np.testing.assert_array_equal(eager_outputs(rebuilt, held_out)[0], eager_outputs(out.model, held_out)[0])
+
+
+def test_a_float_layer_the_model_does_not_have_is_named():
+    with pytest.raises(StageError, match=r"qat.config.float_layers.*conv9"):
+        qat.quantize(_three_convs(outlier=False), qat.make_quanter({"float_layers": ["conv1", "conv9"]}))
+
+
+def test_the_paddle_inference_preset_drops_the_onnxruntime_keys(compose_recipe):
+    recipe = compose_recipe("cls_prune_ptq", "ptq=paddle_inference")
+    assert recipe["ptq"]["runtime"] == "paddle_inference" and recipe["ptq"]["max_metric_loss"] == 0.005
+    assert not {"op_types", "activation_type", "reduce_range"} & set(recipe["ptq"])
+
+
+def test_cls_prune_ptq_smoke_for_paddle_inference_end_to_end(tmp_path):
+    from slimrecipe.config import compose, validate
+    from slimrecipe.run import execute
+
+    run_dir = tmp_path / "run"
+    recipe = validate(compose(["+recipe=cls_prune_ptq", "+profile=smoke", "ptq.runtime=paddle_inference"]))
+    execute(recipe, run_dir)
+    res = json.loads(next((run_dir / "stages").glob("*-ptq/result.json")).read_text())
+    assert res["runtime"] == "paddle_inference" and res["calibration"]["images"] == 16
+    assert res["checkpoint"]["quant_config"]["pact"] is False and res["quantizable_layers"] >= 3
+    targets = json.loads(next((run_dir / "stages").glob("*-export/result.json")).read_text())["targets"]
+    pd, onnx = targets["paddle_inference"]["compressed"], targets["onnx"]["compressed"]
+    assert pd["details"]["quantized"] and "pruned_float" in targets["paddle_inference"]
+    assert onnx["details"]["has_qdq"] and onnx["details"]["ort_int8_kernels"]
+    report = (run_dir / "report.md").read_text()
+    assert "| int8 (PTQ) |" in report and "Runtime **paddle_inference**" in report
+    assert "meant for devices that run int8 Paddle programs" in report and "fastest artifact measured" in report
+    # a resumed run rebuilds the quantized model from the checkpoint: the metric and the exported program agree
+    state = execute(recipe, run_dir)
+    assert state.evaluate() == res["metric"]
+    x = np.stack([state.data.val[i][0] for i in range(8)]).astype(np.float32)
+    program, params = qat.saved_files(Path(pd["path"]) / "model")
+    assert_reproduces(paddle_predictor(program, params)(x), eager_outputs(state.model, x)[0], "after resume")

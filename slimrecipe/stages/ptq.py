@@ -1,10 +1,16 @@
-"""`ptq`: post-training int8 quantization of the current float model for onnxruntime, with accuracy control.
+"""`ptq`: post-training int8 quantization of the current float model, with accuracy control, for onnxruntime or
+for Paddle Inference.
 
-The stage calibrates on training images, quantizes (QDQ: weights per channel, activations per tensor),
-measures the int8 model with the recipe's metric on the validation split, and, when `max_metric_loss` is set
-and exceeded, returns the most sensitive layers to float round by round. It leaves the model's weights alone:
-the `export` stage's `onnx` target rebuilds this very int8 model from the recorded ranges and float layers and
-checks that it computes what was measured here.
+The stage calibrates on training images, quantizes, measures the int8 model with the recipe's metric on the
+validation split, and, when `max_metric_loss` is set and exceeded, returns the most sensitive layers to float
+round by round.
+
+- `runtime: onnxruntime` (QDQ ONNX by ``onnxruntime.quantization``) leaves the model's weights alone: the
+  `export` stage's `onnx` target rebuilds this very int8 model from the recorded ranges and float layers and
+  checks that it computes what was measured here; the `paddle_inference` target exports the float model.
+- `runtime: paddle_inference` quantizes with slimrecipe's own QAT quanters (no PACT, no training) and leaves the
+  quantized model as the run's model, as the `qat` stage does: the `export` stage writes it as an int8 Paddle
+  Inference program, and as QDQ ONNX for the `onnx` target, each checked against it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "runtime": {"enum": ["onnxruntime"], "default": "onnxruntime",
-                    "description": "the runtime the int8 model is made for (onnxruntime.quantization, QDQ)"},
+        "runtime": {"enum": ["onnxruntime", "paddle_inference"], "default": "onnxruntime",
+                    "description": "the runtime the int8 model is made for. onnxruntime: onnxruntime.quantization, "
+                                   "QDQ ONNX (the paddle_inference export stays float). paddle_inference: "
+                                   "slimrecipe's QAT quanters (pact: false) calibrated without training, exported as "
+                                   "an int8 Paddle program (for devices that run int8 Paddle programs; on x86 CPUs "
+                                   "it runs slower than float) and as QDQ ONNX. The keys marked 'onnxruntime only' "
+                                   "are ignored with paddle_inference"},
         "calibration": {
             "type": "object",
             "additionalProperties": False,
@@ -31,25 +42,32 @@ SCHEMA = {
                 "images": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 32,
                            "description": "training images the activation ranges are measured on (drawn by seed)"},
                 "method": {"enum": ["minmax", "percentile", "entropy"], "default": "percentile",
-                           "description": "activation range: the extremes seen, a percentile of |x|, or the "
-                                          "range that keeps the histogram's entropy (KL divergence)"},
+                           "description": "onnxruntime only: activation range: the extremes seen, a percentile of "
+                                          "|x|, or the range that keeps the histogram's entropy (KL divergence). "
+                                          "paddle_inference: each activation's scale is the mean of its abs-max "
+                                          "over the calibration images"},
                 "percentile": {"type": "number", "exclusiveMinimum": 90, "maximum": 100, "default": 99.999,
-                               "description": "method percentile: the percentile of |x| taken as the range"},
+                               "description": "onnxruntime only, method percentile: the percentile of |x| taken "
+                                              "as the range"},
             },
             "default": {},
         },
         "per_channel": {"type": "boolean", "default": True, "description": "one weight scale per output channel"},
         "activation_type": {"enum": ["uint8", "int8"], "default": "uint8",
-                            "description": "activations' int8 type (uint8: onnxruntime's choice for x86 CPUs)"},
+                            "description": "onnxruntime only: activations' int8 type (uint8: onnxruntime's "
+                                           "choice for x86 CPUs); paddle_inference activations are int8"},
         "reduce_range": {"type": "boolean", "default": False,
-                         "description": "7-bit weights, for x86 CPUs without VNNI that saturate 8-bit sums"},
+                         "description": "onnxruntime only: 7-bit weights, for x86 CPUs without VNNI that "
+                                        "saturate 8-bit sums"},
         "op_types": {"type": "array", "minItems": 1, "uniqueItems": True,
                      "items": {"enum": ["Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "Resize",
                                         "Sigmoid", "HardSigmoid", "HardSwish", "AveragePool", "GlobalAveragePool",
                                         "MaxPool", "Relu", "Clip", "Transpose"]},
                      "default": ["Conv", "ConvTranspose", "MatMul", "Gemm"],
-                     "description": "ONNX op types quantized (weights and inputs); accuracy control ranks and returns "
-                                    "to float only the weighted ones (Conv, ConvTranspose, MatMul, Gemm)"},
+                     "description": "onnxruntime only: ONNX op types quantized (weights and inputs); accuracy control "
+                                    "ranks and returns to float only the weighted ones (Conv, ConvTranspose, "
+                                    "MatMul, Gemm). paddle_inference quantizes Conv2D, Conv2DTranspose and "
+                                    "Linear layers (weights, inputs and outputs)"},
         "max_metric_loss": {"type": ["number", "null"], "minimum": 0, "default": None,
                             "description": "largest metric loss of the int8 model against the float model it "
                                            "comes from (0.01: one point); while it is exceeded, the most "
@@ -61,23 +79,36 @@ SCHEMA = {
         "probe_images": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 8,
                          "description": "calibration images the per-layer error is measured on"},
         "dynamic_hw": {"type": "boolean", "default": False,
-                       "description": "free height and width in the ONNX model (detectors evaluate any size)"},
+                       "description": "onnxruntime only: free height and width in the ONNX model (detectors evaluate "
+                                      "any size)"},
         "opset": {"type": "integer", "minimum": 13, "maximum": 17, "default": 13,
-                  "description": "ONNX opset of the float export (per-channel QDQ needs 13 or more)"},
+                  "description": "onnxruntime only: ONNX opset of the float export (per-channel QDQ needs 13 or "
+                                 "more)"},
     },
 }
+
+
+# keys that only mean something for onnxruntime: a paddle_inference run ignores them and says so
+ONNXRUNTIME_ONLY = ("calibration.method", "calibration.percentile", "activation_type", "reduce_range", "op_types",
+                    "dynamic_hw", "opset")
 
 
 @register("stage", "ptq", schema=SCHEMA)
 def ptq(state, params: dict) -> dict:
     """Calibrate, quantize, measure; hand sensitive layers back to float while the loss exceeds the budget."""
+    if state.quanter is not None:
+        raise StageError("ptq quantizes a float model; this one was quantized by qat already "
+                         "(a recipe runs ptq or qat, not both)")
+    if params["runtime"] == "paddle_inference":
+        return _ptq_paddle_inference(state, params)
+    return _ptq_onnxruntime(state, params)
+
+
+def _ptq_onnxruntime(state, params: dict) -> dict:
     from .. import ptq as lib
     from ..exporters import ExportContext, float_onnx_bytes
     from ..pruning import count_flops, count_params
 
-    if state.quanter is not None:
-        raise StageError("ptq quantizes a float model; this one was quantized by qat already "
-                         "(a recipe runs ptq or qat, not both)")
     sdir = state.stage_dir
     model = state.model
     model.eval()
@@ -148,6 +179,60 @@ def ptq(state, params: dict) -> dict:
         "ptq": {"runtime": params["runtime"], "ranges": rel(ranges), "settings": settings.to_json(),
                 "float_layers": list(chosen.float_layers), "measured_model": rel(delivered),
                 "dynamic_hw": params["dynamic_hw"], "opset": params["opset"]},
+    }
+
+
+def _ptq_paddle_inference(state, params: dict) -> dict:
+    """slimrecipe's QAT quanters on a copy of the float model, calibrated on training images; the model delivered
+    (fewest layers in float within the budget) becomes the run's model, quantized as a QAT model is."""
+    from .. import ptq as lib
+    from ..pruning import count_flops, count_params
+    from ._training import save_weights
+
+    float_model = state.model
+    float_model.eval()
+    per_channel = params["per_channel"]
+    images, indices = calibration_images(state.data.train, params["calibration"].get("images", 32), state.seed)
+    print(f"  paddle_inference: slimrecipe's quanters (weights {'per channel' if per_channel else 'per tensor'}, "
+          f"activations and layer outputs per tensor, scale: the mean abs-max over {len(images)} training images); "
+          f"ptq.{', ptq.'.join(ONNXRUNTIME_ONLY)} apply to onnxruntime only")
+    float_metric = state.evaluate(float_model)
+    out = lib.paddle_ptq(float_model, images, state.evaluate, per_channel=per_channel,
+                         max_loss=params["max_metric_loss"], max_rounds=params["max_rounds"],
+                         per_round=params["layers_per_round"], probe_images=params["probe_images"],
+                         higher_is_better=state.metric.higher_is_better, float_metric=float_metric)
+    ctl = out.control
+    if ctl.message:
+        print(f"  {ctl.message}")
+    chosen = ctl.rounds[ctl.chosen]
+    by_node = {layer["node"]: layer for layer in (out.ranking or out.layers)}
+    print(f"  delivered: {len(chosen.float_layers)} of {len(out.layers)} layers in float, {state.metric.name} "
+          f"{chosen.metric:.4f} (float {float_metric:.4f})")
+    weights = save_weights(out.model, state.stage_dir / "model.pdparams")
+    return {
+        "runtime": params["runtime"],
+        "settings": {"per_channel": per_channel,
+                     "weights": "int8, abs-max " + ("per output channel" if per_channel else "per tensor"),
+                     "activations": "int8 per tensor, layer inputs and outputs, scale: mean abs-max over the "
+                                    "calibration images",
+                     "layer_types": list(lib.PADDLE_LAYER_TYPES), "conv_bn_folded": True},
+        "ignored_settings": [f"ptq.{k}" for k in ONNXRUNTIME_ONLY],
+        "calibration": {"images": len(images), "indices": indices, "seed": state.seed},
+        "metric_float": float_metric,
+        "metric": chosen.metric,
+        "loss": chosen.loss,
+        "max_metric_loss": params["max_metric_loss"],
+        "met": ctl.met,
+        "message": ctl.message,
+        "rounds": [dict(r.to_json(), round=i) for i, r in enumerate(ctl.rounds)],
+        "chosen_round": ctl.chosen,
+        "float_layers": [by_node[n] for n in chosen.float_layers],
+        "layer_ranking": out.ranking,
+        "quantizable_layers": len(out.layers),
+        "flops": count_flops(float_model, state.input_shape),
+        "params": count_params(float_model),
+        # the quantized model is the run's model from here on, as after qat: the export stage exports it as such
+        "checkpoint": state.set_model(out.model, weights, quanter=out.quanter, quant_config=out.quanter.config),
     }
 
 

@@ -36,7 +36,7 @@ def collect(state) -> dict:
     exports = (state.results.get("export") or {}).get("targets", {})
     plan = (state.results.get("prune") or {}).get("plan_summary")
     return {"recipe": state.recipe["name"], "metric_name": state.metric.name, "phases": rows, "exports": exports,
-            "plan": plan, "ptq": _ptq_summary(state.results.get("ptq")), "rounds": _rounds(state.run_dir),
+            "plan": plan, "ptq": _ptq_summary(state.results.get("ptq"), exports), "rounds": _rounds(state.run_dir),
             "latency_target": (state.results.get("prune") or {}).get("latency"),
             "reconstruction": (state.results.get("prune") or {}).get("reconstruction"),
             "run_dir": str(state.run_dir),
@@ -194,23 +194,44 @@ def _plot_rounds(rep: dict, path) -> None:
     plt.close(fig)
 
 
-def _ptq_summary(r: dict | None) -> dict | None:
+def _ptq_summary(r: dict | None, exports: dict | None = None) -> dict | None:
     if not r:
         return None
     keys = ("runtime", "settings", "metric_float", "metric", "loss", "max_metric_loss", "met", "message", "rounds",
-            "chosen_round", "float_layers", "quantizable_layers")
-    return {k: r.get(k) for k in keys} | {"calibration_images": r["calibration"]["images"]}
+            "chosen_round", "float_layers", "quantizable_layers", "ignored_settings")
+    out = {k: r.get(k) for k in keys} | {"calibration_images": r["calibration"]["images"]}
+    # every exported artifact's latency, so that the section can point to the fastest one
+    out["artifacts"] = [
+        {"artifact": where, "target": target, "model": who, "median_ms": x["latency"]["median_ms"],
+         "float_program": "max_abs_diff_vs_quantized_model" in (x.get("details") or {})}
+        for target, e in (exports or {}).items()
+        for who, where in (("compressed", f"export/{target}"), ("pruned_float", f"export/pruned_float/{target}"),
+                           ("baseline", f"export/baseline/{target}"))
+        for x in [e.get(who)] if x and (x.get("latency") or {}).get("median_ms")]
+    return out
+
+
+_PTQ_MODELS = {"compressed": "int8", "pruned_float": "float, pruned", "baseline": "float, unpruned baseline"}
+_PTQ_FLOAT_PROGRAMS = {"pruned_float": "the pruned model's float program",
+                       "baseline": "the unpruned baseline's float program"}
 
 
 def _ptq_lines(p: dict, m: str) -> list[str]:
     s = p["settings"]
     budget = "no budget (every layer int8)" if p["max_metric_loss"] is None else (
         f"budget {p['max_metric_loss']:g}: " + ("met" if p["met"] else "NOT met, closest kept"))
+    if p["runtime"] == "paddle_inference":
+        how = (f"Runtime **paddle_inference**: slimrecipe's quanters (those of QAT, without PACT) calibrated on "
+               f"{p['calibration_images']} training images, no training; weights int8 "
+               f"{'per channel' if s['per_channel'] else 'per tensor'}, layer inputs and outputs int8 per tensor "
+               f"(scale: mean abs-max)")
+    else:
+        how = (f"Runtime **{p['runtime']}**: calibrated on {p['calibration_images']} training images "
+               f"({s['method']}), weights {'per channel' if s['per_channel'] else 'per tensor'}, activations "
+               f"{s['activation_type']} per tensor")
     lines = ["## Post-training int8 (accuracy control)", "",
-             f"{p['runtime']}, calibrated on {p['calibration_images']} training images ({s['method']}), weights "
-             f"{'per channel' if s['per_channel'] else 'per tensor'}, activations {s['activation_type']} per tensor; "
-             f"{p['quantizable_layers']} quantizable layers; {m} of the float model {p['metric_float']:.4f}; {budget}.",
-             "", f"| round | layers in float | {m} | loss |", "|---|---|---|---|"]
+             f"{how}; {p['quantizable_layers']} quantizable layers; {m} of the float model {p['metric_float']:.4f}; "
+             f"{budget}.", "", f"| round | layers in float | {m} | loss |", "|---|---|---|---|"]
     for r in p["rounds"]:
         mark = " (delivered)" if r["round"] == p["chosen_round"] else ""
         lines.append(f"| {r['round']}{mark} | {len(r['float_layers'])} | {r['metric']:.4f} | {r['loss']:+.4f} |")
@@ -222,7 +243,37 @@ def _ptq_lines(p: dict, m: str) -> list[str]:
                          f"`{layer['node']}`{f', {db:.1f} dB' if db is not None else ''})")
     if p.get("message"):
         lines += ["", p["message"]]
+    if p["runtime"] == "paddle_inference":
+        lines += ["", *_ptq_paddle_inference_lines(p)]
     return lines
+
+
+def _ptq_paddle_inference_lines(p: dict) -> list[str]:
+    """What the int8 Paddle model is for, and which measured artifact runs fastest here."""
+    arts = p.get("artifacts") or []
+    mine = next((a for a in arts if a["target"] == "paddle_inference" and a["model"] == "compressed"), None)
+    text = ("The int8 Paddle model is meant for devices that run int8 Paddle programs; an x86 CPU is not one "
+            "(Paddle Inference runs the quantize/dequantize ops in float there).")
+    if mine is None:
+        return [text + " It was not exported (the export stage's paddle_inference target writes it)."]
+    ref = next((a for a in arts if a["target"] == "paddle_inference" and a["model"] == "pruned_float"), None) or \
+        next((a for a in arts if a["target"] == "paddle_inference" and a["model"] == "baseline"), None)
+    text += f" Here `{mine['artifact']}` ran in {mine['median_ms']:.2f} ms"
+    if ref is not None:
+        text += (f" against {ref['median_ms']:.2f} ms for {_PTQ_FLOAT_PROGRAMS[ref['model']]} "
+                 f"({ref['median_ms'] / mine['median_ms']:.2f}x as fast)")
+    text += "."
+    if mine["float_program"]:
+        text += (" Paddle could not save it as an int8 program: it was written as a float program with its weights "
+                 "on the int8 grid (see the export's note).")
+    ours = [a for a in arts if a["model"] != "baseline"]
+    fastest = min(ours or arts, key=lambda a: a["median_ms"])
+    text += (f" The fastest artifact measured on this machine: `{fastest['artifact']}` "
+             f"({fastest['target']}, {_PTQ_MODELS[fastest['model']]}), {fastest['median_ms']:.2f} ms")
+    base = min((a for a in arts if a["model"] == "baseline"), key=lambda a: a["median_ms"], default=None)
+    if ours and base is not None and base["median_ms"] < fastest["median_ms"]:
+        text += f" (the unpruned baseline's `{base['artifact']}` ran faster still: {base['median_ms']:.2f} ms)"
+    return [text + "; latencies are in the Exports table."]
 
 
 def summary_table(rep: dict) -> str:
