@@ -126,8 +126,8 @@ PADDLE_INFERENCE_SCHEMA = {
 PADDLE_INT8_NOTE = (
     "int8 Paddle Inference runs the quantize/dequantize ops in float on x86 CPUs (measured 3.5-7x slower than "
     "the float export); oneDNN int8 (onednn_int8: true) ran faster but did not reproduce the model, so the "
-    "parity check refuses it. The fastest measured int8 artifact is the onnx target (QDQ, onnxruntime "
-    "QLinearConv: 1.6x faster than onnxruntime float)."
+    "parity check refuses it. For int8 kernels on a CPU use the onnx target (QDQ, onnxruntime QLinearConv); "
+    "the export table times every artifact of this run."
 )
 PADDLE_PTQ_NOTE = (
     "the ptq stage made an int8 model for onnxruntime (the onnx target); this Paddle Inference export is the "
