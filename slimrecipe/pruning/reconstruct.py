@@ -86,17 +86,21 @@ def _patches(x: np.ndarray, geometry, positions: np.ndarray) -> np.ndarray:
 
 
 def _followers(model, batch) -> dict[int, object]:
-    """id(conv or linear layer) -> the BatchNorm layer that reads its output directly, from one forward pass."""
+    """id(conv or linear layer) -> the BatchNorm layer that reads its output directly, from one forward pass.
+
+    Outputs are matched by identity, so each is held until the pass ends (a freed tensor's id can be reused):
+    ``batch`` should be small.
+    """
     p = _paddle()
     produced, follows = {}, {}
     norms = [layer for layer in model.sublayers() if isinstance(layer, p.nn.layer.norm._BatchNormBase)]
 
     def post(layer, inputs, output):
-        produced[id(output)] = layer
+        produced[id(output)] = (layer, output)
 
     def pre(layer, inputs):
-        src = produced.get(id(inputs[0]))
-        if src is not None:
+        src, out = produced.get(id(inputs[0]), (None, None))
+        if src is not None and out is inputs[0]:
             follows[id(src)] = layer
 
     handles = [layer.register_forward_post_hook(post) for _, layer in fittable_layers(model)]
@@ -172,7 +176,7 @@ def reconstruct(model, teacher, groups: list[Group], removed: dict[str, list[int
     layers = fittable_layers(model)
     batch = p.concat([b if hasattr(b, "numpy") else p.to_tensor(b) for b in batches]) if len(batches) > 1 \
         else batches[0]
-    follows = _followers(model, batches[0])
+    follows = _followers(model, batch[:1])
     targets = _teacher_outputs(teacher, {n for n, _ in layers}, batch, samples, seed)
     totals = {"layers": 0, "error_before": 0.0, "error_after": 0.0}
     done: set = set()
