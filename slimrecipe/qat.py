@@ -9,8 +9,7 @@ The quantized model is Paddle's own QAT model (``QuantedConv2D``/``QuantedLinear
 - activations, ``pact: true``: :class:`PACTQuanter` clips the input to ``[-alpha, alpha]`` and rounds it to
   ``activation_bits`` with alpha as the scale. alpha is a learnable parameter: straight-through gradient for
   the input inside the clip, PACT's gradient for alpha (+1 above alpha, -1 below -alpha, 0 inside). It starts
-  at a high percentile of |x| over the first training-mode batch it sees (``pact_init_percentile``; 100: the
-  abs-max), so calibration or the first training step sets it;
+  at the abs-max of the first training-mode batch it sees (so calibration or the first training step sets it);
 - activations, ``pact: false``: Paddle's ``FakeQuanterWithAbsMaxObserver`` (moving-average abs-max);
 - outputs (``quantize_outputs``): the same moving-average quanter after each quantized layer, in Paddle's
   ``ObserveWrapper``, so that the deployed graph is int8 from one convolution to the next.
@@ -27,8 +26,6 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .errors import Problem, RecipeError, StageError
 from .paddle_env import ensure_dynamic_mode, paddle
@@ -47,15 +44,8 @@ QAT_PARAMS_SCHEMA: dict = {
         },
         "pact_lr_multiplier": {
             "type": "number", "exclusiveMinimum": 0, "default": 1.0,
-            "description": "learning-rate multiplier of the PACT alphas (they start at a percentile of |x| over "
-                           "the first batch; weight decay of the optimizer also shrinks them, as in the PACT paper)",
-        },
-        "pact_init_percentile": {
-            "type": "number", "exclusiveMinimum": 90, "maximum": 100, "default": 99.99,
-            "description": "where each PACT alpha starts: this percentile of |x| over the first training batch "
-                           "(100: its abs-max). Rare huge activations set an abs-max so coarse that the common "
-                           "values round to zero: the pruned PP-OCRv4 det lost 45 points of hmean to QAT that "
-                           "started at the abs-max",
+            "description": "learning-rate multiplier of the PACT alphas (they start at the abs-max of the "
+                           "first batch; weight decay of the optimizer also shrinks them, as in the PACT paper)",
         },
         "weight_quantize_type": {
             "enum": ["channel_wise_abs_max", "abs_max"], "default": "channel_wise_abs_max",
@@ -118,7 +108,6 @@ def resolve_config(config: dict | None, path: str = "qat.config") -> dict:
     resolved.update(copy.deepcopy(config))
     resolved["moving_rate"] = float(resolved["moving_rate"])  # YAML gives 1 for 1.0
     resolved["pact_lr_multiplier"] = float(resolved["pact_lr_multiplier"])
-    resolved["pact_init_percentile"] = float(resolved["pact_init_percentile"])
     resolved["quantizable_layer_type"] = list(resolved["quantizable_layer_type"])
     resolved["float_layers"] = list(resolved["float_layers"])
     return resolved
@@ -159,8 +148,7 @@ def make_quanter(config: dict | None = None) -> Quanter:
                        channel_wise=resolved["weight_quantize_type"] == "channel_wise_abs_max")
     if resolved["pact"]:
         activation = L.Factory(L.PACTQuanter, bit_length=resolved["activation_bits"],
-                               lr_multiplier=resolved["pact_lr_multiplier"],
-                               init_percentile=resolved["pact_init_percentile"])
+                               lr_multiplier=resolved["pact_lr_multiplier"])
     else:
         activation = L.Factory(L.MovingAverageAbsMaxQuanter, moving_rate=resolved["moving_rate"],
                                bit_length=resolved["activation_bits"])
@@ -535,24 +523,19 @@ def _define_layers():
 
     class PACTQuanter(BaseQuanter):
         """PACT: clip to a learnt ``[-alpha, alpha]``, quantize with alpha as the scale (STE for the input,
-        PACT's gradient for alpha). alpha starts at the ``init_percentile`` of |x| over the first training-mode
-        batch (100: its abs-max)."""
+        PACT's gradient for alpha). alpha starts at the abs-max of the first training-mode batch."""
 
-        def __init__(self, layer, bit_length=8, lr_multiplier=1.0, init_percentile=100.0):
+        def __init__(self, layer, bit_length=8, lr_multiplier=1.0):
             super().__init__()
             self._bit_length = int(bit_length)
-            self._init_percentile = float(init_percentile)
             attr = _P.ParamAttr(initializer=_P.nn.initializer.Constant(1.0), learning_rate=float(lr_multiplier))
             self.alpha = self.create_parameter(shape=[1], attr=attr, dtype="float32")
             self._initialized = _frozen_parameter(self, [1], 0.0)
 
         def forward(self, x):
             if _P.in_dynamic_mode() and self.training and float(self._initialized.numpy().reshape(-1)[0]) == 0.0:
-                magnitudes = np.abs(x.detach().numpy()).ravel()
-                start = magnitudes.max() if self._init_percentile >= 100 else np.percentile(magnitudes,
-                                                                                             self._init_percentile)
                 with _P.no_grad():
-                    self.alpha.set_value(_P.to_tensor([max(float(start), 1e-4)], dtype="float32"))
+                    self.alpha.set_value(_P.clip(_P.max(_P.abs(x.detach())), min=1e-4).reshape([1]))
                     self._initialized.set_value(_P.ones([1], dtype="float32"))
             a = _P.clip(self.alpha, min=1e-6)
             # d/dx = 1 inside, 0 outside; d/dalpha = +1 above alpha, -1 below -alpha, 0 inside

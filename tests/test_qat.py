@@ -122,23 +122,9 @@ def test_a_model_without_quantizable_layers_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------- the quanters
-def test_pact_alpha_starts_at_a_percentile_so_that_rare_outliers_do_not_set_it():
-    p = paddle()
-    x0 = np.concatenate([np.linspace(-1, 1, 99_999), [1000.0]]).astype("float32").reshape(1, -1)
-    starts = {}
-    for percentile in (99.99, 100):
-        model = qat.quantize(_tiny_model(), qat.make_quanter({"pact_init_percentile": percentile}))
-        pact = qat.pact_layers(model)[0]
-        pact.train()
-        pact(p.to_tensor(x0))
-        starts[percentile] = float(pact.alpha.numpy()[0])
-    assert starts[100] == pytest.approx(1000.0)  # the abs-max: a step of 7.9, every common value rounds to 0
-    assert 0.99 < starts[99.99] <= 1.0  # the default: the common values keep their resolution
-
-
 def test_pact_clips_at_alpha_and_alpha_gets_pacts_gradient():
     p = paddle()
-    model = qat.quantize(_tiny_model(), qat.make_quanter({"pact_init_percentile": 100}))
+    model = qat.quantize(_tiny_model(), qat.make_quanter({}))
     pact = qat.pact_layers(model)[0]
     pact.train()
     x0 = p.to_tensor(np.linspace(-2, 2, 41, dtype="float32").reshape(1, 41))
@@ -158,8 +144,7 @@ def test_pact_clips_at_alpha_and_alpha_gets_pacts_gradient():
 
 
 def test_pact_alpha_is_learnt_by_training():
-    # alphas start at the 99th percentile: the values above them give PACT's gradient from the first step
-    model = qat.quantize(_tiny_model(), qat.make_quanter({"pact_lr_multiplier": 10.0, "pact_init_percentile": 99}))
+    model = qat.quantize(_tiny_model(), qat.make_quanter({"pact_lr_multiplier": 10.0}))
     x, y = _brightest_channel_data(64, seed=1)
     _train(model, x, y, steps=1)
     before = [float(a.alpha.numpy()[0]) for a in qat.pact_layers(model)]
