@@ -11,7 +11,7 @@ Run from the repository root:
 
     python bench/ppocr_det_speed.py RUN_DIR [--sizes 640 960] [--repeats 40]
 
-Figures go to bench/results/ppocr_det_speed.json.
+Figures go to bench/results/ppocr_det_speed.json (ppocr_det_speed_<tag>.json with ``--tag``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[640], help="square input sides (multiples of 32)")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--tag", default="", help="suffix of the JSON file (ppocr_det_speed_<tag>.json)")
     args = ap.parse_args()
 
     from slimrecipe.exporters import interleaved_latency, onnx_session, paddle_predictor
@@ -48,13 +49,15 @@ def main() -> None:
     def ort(folder: Path):
         return onnx_session(next(folder.glob("*.onnx")), threads=1)[0]
 
+    quantized = "quantized (QAT)" in phases
+    # a run that quantizes keeps its float pruned model under pruned_float/; otherwise that is the export itself
+    floats = export / "pruned_float" if quantized else export
     runtimes = {
         "paddle_inference": {"baseline": pi(export / "baseline" / "paddle_inference"),
-                             "pruned_float": pi(export / "pruned_float" / "paddle_inference")},
-        "onnxruntime": {"baseline": ort(export / "baseline" / "onnx"),
-                        "pruned_float": ort(export / "pruned_float" / "onnx")},
+                             "pruned_float": pi(floats / "paddle_inference")},
+        "onnxruntime": {"baseline": ort(export / "baseline" / "onnx"), "pruned_float": ort(floats / "onnx")},
     }
-    if (export / "onnx").exists() and "quantized (QAT)" in phases:
+    if quantized:
         runtimes["onnxruntime"]["int8_qat"] = ort(export / "onnx")
     figures = {"hmean": {k: v["metric"] for k, v in phases.items()},
                "flops": {k: v.get("flops") for k, v in phases.items()}, "latency": {}}
@@ -68,7 +71,7 @@ def main() -> None:
                              for n in runners)
             print(f"{runtime:<17} {size}x{size}: {line}", flush=True)
     print("hmean: " + ", ".join(f"{k} {v:.4f}" for k, v in figures["hmean"].items()))
-    write_results("ppocr_det_speed", figures, {**vars(args), "run_dir": str(args.run_dir), "threads": 1,
+    write_results("ppocr_det_speed" + (f"_{args.tag}" if args.tag else ""), figures, {**vars(args), "run_dir": str(args.run_dir), "threads": 1,
                                                "batch": 1, "recipe": report["recipe"]})
 
 
