@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +69,24 @@ def train_briefly():
         return model
 
     return train
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_cnn(train_briefly):
+    """tiny_cnn [16, 32, 64] (3x3 convs without bias, each followed by BatchNorm; a linear head) trained briefly on
+    a synthetic 10-class task: its ``state`` dict and two more ``batches`` (x, y) of 128 from the same task."""
+    from slimrecipe.models.vision import tiny_cnn
+    from slimrecipe.paddle_env import paddle
+
+    paddle().seed(0)
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(10, 3, 16, 16)).astype("float32")
+
+    def batch(n):
+        y = rng.integers(0, 10, n)
+        return (protos[y] + 0.8 * rng.normal(size=(n, 3, 16, 16))).astype("float32"), y
+
+    data = SimpleNamespace(input_shape=[3, 16, 16], num_classes=10)
+    model = train_briefly(tiny_cnn({"channels": [16, 32, 64]}, data), batch, steps=25, batch_size=64)
+    state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    return SimpleNamespace(state=state, batches=[batch(128), batch(128)])

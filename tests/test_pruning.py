@@ -36,21 +36,10 @@ def build(channels=(8, 16, 32)):
 
 
 @pytest.fixture(scope="module")
-def trained(train_briefly):
+def trained(trained_tiny_cnn):
     """A tiny_cnn [16, 32, 64] trained briefly on a synthetic 10-class task, plus its held-out batch."""
-    p = P()
-    p.seed(0)
-    rng = np.random.default_rng(0)
-    protos = rng.normal(size=(10, 3, 16, 16)).astype("float32")
-
-    def batch(n):
-        y = rng.integers(0, 10, n)
-        return (protos[y] + 0.8 * rng.normal(size=(n, 3, 16, 16))).astype("float32"), y
-
-    model = train_briefly(build((16, 32, 64)), batch, steps=25, batch_size=64)
-    x, y = batch(128)
-    state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    return SimpleNamespace(state=state, x=x, y=y)
+    x, y = trained_tiny_cnn.batches[0]
+    return SimpleNamespace(state=trained_tiny_cnn.state, x=x, y=y)
 
 
 def trained_copy(trained):
@@ -234,7 +223,6 @@ def test_sensitivity_measures_every_point_and_leaves_the_model_unchanged(trained
 
 def test_sensitivity_measures_pruned_copies_and_never_the_model_itself(trained):
     model = trained_copy(trained)
-    before = state_of(model)
     x = P().to_tensor(trained.x)
     seen = []
 

@@ -27,19 +27,13 @@ def tiny(channels=(16, 32, 64)):
 
 
 @pytest.fixture(scope="module")
-def trained(train_briefly):
+def trained(trained_tiny_cnn):
     """tiny_cnn (bias-free 3x3 convs, each followed by BatchNorm; a linear head), trained briefly; two batches."""
-    p = P()
-    p.seed(0)
-    rng = np.random.default_rng(0)
-    protos = rng.normal(size=(10, 3, 16, 16)).astype("float32")
-
-    def batch(n):
-        y = rng.integers(0, 10, n)
-        return (protos[y] + 0.8 * rng.normal(size=(n, 3, 16, 16))).astype("float32"), y
-
-    model = train_briefly(tiny(), batch, steps=25, batch_size=64)
-    return SimpleNamespace(model=model, fit=batch(128)[0], held_out=batch(128))
+    model = tiny()
+    model.set_state_dict({k: v.copy() for k, v in trained_tiny_cnn.state.items()})
+    model.eval()
+    fit, held_out = trained_tiny_cnn.batches
+    return SimpleNamespace(model=model, fit=fit[0], held_out=held_out)
 
 
 def prune(teacher, shape, ratios=None, removed=None):
