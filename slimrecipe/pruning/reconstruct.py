@@ -85,6 +85,16 @@ def _patches(x: np.ndarray, geometry, positions: np.ndarray) -> np.ndarray:
     return out.reshape(len(positions), -1)
 
 
+def _run_hooked(model, batch, handles) -> None:
+    """One forward pass of ``model`` on ``batch`` without gradients; the hooks ``handles`` are removed after it."""
+    try:
+        with _paddle().no_grad():
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _followers(model, batch) -> dict[int, object]:
     """id(conv or linear layer) -> the BatchNorm layer that reads its output directly, from one forward pass.
 
@@ -105,18 +115,12 @@ def _followers(model, batch) -> dict[int, object]:
 
     handles = [layer.register_forward_post_hook(post) for _, layer in fittable_layers(model)]
     handles += [layer.register_forward_pre_hook(pre) for layer in norms]
-    try:
-        with p.no_grad():
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, batch, handles)
     return follows
 
 
 def _teacher_outputs(teacher, names: set, batch, samples: int, seed: int) -> dict:
     """Per layer: ``samples`` flat output positions (rows n, h, w) drawn at random, and the outputs there."""
-    p = _paddle()
     rng = np.random.default_rng(seed)
     drawn = {}
 
@@ -131,14 +135,8 @@ def _teacher_outputs(teacher, names: set, batch, samples: int, seed: int) -> dic
             drawn[name] = (pos, flat[pos].astype(np.float64))
         return hook
 
-    handles = [layer.register_forward_post_hook(hook_for(n)) for n, layer in teacher.named_sublayers()
-               if n in names]
-    try:
-        with p.no_grad():
-            teacher(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(teacher, batch, [layer.register_forward_post_hook(hook_for(n))
+                                 for n, layer in teacher.named_sublayers() if n in names])
     return drawn
 
 
@@ -226,13 +224,9 @@ def reconstruct(model, teacher, groups: list[Group], removed: dict[str, list[int
                     progress(len(done), len(targets), name)
         return hook
 
-    handles = [layer.register_forward_pre_hook(hook_for(n)) for n, layer in layers]
     try:
-        with p.no_grad():
-            model(batch)
+        _run_hooked(model, batch, [layer.register_forward_pre_hook(hook_for(n)) for n, layer in layers])
     finally:
-        for h in handles:
-            h.remove()
         model.train() if modes[0] else model.eval()
         teacher.train() if modes[1] else teacher.eval()
     return totals

@@ -160,15 +160,7 @@ def _ptq_onnxruntime(state, params: dict) -> dict:
         "settings": settings.to_json(),
         "calibration": {"images": len(images), "indices": indices, "seed": state.seed, "ranges_file": rel(ranges),
                         "ranges_sha256": sha256_file(ranges)},
-        "metric_float": float_metric,
-        "metric": chosen.metric,
-        "loss": chosen.loss,
-        "max_metric_loss": params["max_metric_loss"],
-        "met": ctl.met,
-        "message": ctl.message,
-        "rounds": [dict(r.to_json(), round=i) for i, r in enumerate(ctl.rounds)],
-        "chosen_round": ctl.chosen,
-        "float_layers": [by_node[n] for n in chosen.float_layers],
+        **_control_record(ctl, float_metric, params["max_metric_loss"], by_node),
         "layer_ranking": ranking,
         "quantizable_layers": len(layers),
         "model_file": rel(delivered),
@@ -218,15 +210,7 @@ def _ptq_paddle_inference(state, params: dict) -> dict:
                      "layer_types": list(lib.PADDLE_LAYER_TYPES), "conv_bn_folded": True},
         "ignored_settings": [f"ptq.{k}" for k in ONNXRUNTIME_ONLY],
         "calibration": {"images": len(images), "indices": indices, "seed": state.seed},
-        "metric_float": float_metric,
-        "metric": chosen.metric,
-        "loss": chosen.loss,
-        "max_metric_loss": params["max_metric_loss"],
-        "met": ctl.met,
-        "message": ctl.message,
-        "rounds": [dict(r.to_json(), round=i) for i, r in enumerate(ctl.rounds)],
-        "chosen_round": ctl.chosen,
-        "float_layers": [by_node[n] for n in chosen.float_layers],
+        **_control_record(ctl, float_metric, params["max_metric_loss"], by_node),
         "layer_ranking": out.ranking,
         "quantizable_layers": len(out.layers),
         "flops": count_flops(float_model, state.input_shape),
@@ -234,6 +218,15 @@ def _ptq_paddle_inference(state, params: dict) -> dict:
         # the quantized model is the run's model from here on, as after qat: the export stage exports it as such
         "checkpoint": state.set_model(out.model, weights, quanter=out.quanter, quant_config=out.quanter.config),
     }
+
+
+def _control_record(ctl, float_metric: float, max_loss, by_node: dict) -> dict:
+    """What the result says of an accuracy control (either runtime): each round, and the one delivered."""
+    chosen = ctl.rounds[ctl.chosen]
+    return {"metric_float": float_metric, "metric": chosen.metric, "loss": chosen.loss, "max_metric_loss": max_loss,
+            "met": ctl.met, "message": ctl.message,
+            "rounds": [dict(r.to_json(), round=i) for i, r in enumerate(ctl.rounds)], "chosen_round": ctl.chosen,
+            "float_layers": [by_node[n] for n in chosen.float_layers]}
 
 
 def calibration_images(train, n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
