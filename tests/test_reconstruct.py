@@ -98,6 +98,30 @@ def test_a_removed_constant_channel_is_absorbed_exactly_by_the_next_batchnorm():
     assert np.array_equal(fresh(x).numpy(), model(x).numpy())
 
 
+def test_a_blockwise_transposed_conv_absorbs_a_removed_duplicate_channel_exactly():
+    # a DB head: 3x3 conv-BN-ReLU, then 2x transposed convs; channel 3 of the first block duplicates channel 2, so
+    # the first transposed conv can take over what channel 3 fed it (its taps for channel 2 add channel 3's)
+    p = P()
+    p.seed(2)
+    nn = p.nn
+    teacher = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8), nn.ReLU(),
+                            nn.Conv2DTranspose(8, 4, 2, stride=2), nn.BatchNorm2D(4), nn.ReLU(),
+                            nn.Conv2DTranspose(4, 1, 2, stride=2))
+    teacher.eval()
+    weight = teacher[0].weight.numpy()
+    weight[3] = weight[2]
+    teacher[0].weight.set_value(weight)
+    shape = [3, 8, 8]
+    model, groups, removed, _ = prune(teacher, shape, removed={"0.weight": [3]})
+    x = p.to_tensor(np.random.default_rng(0).normal(size=(8, *shape)).astype("float32"))
+    reference = teacher(x).numpy()
+    assert np.abs(model(x).numpy() - reference).max() > 1e-2  # the cut alone changes the output
+    info = reconstruct(model, teacher, groups, removed, [x], ridge=0.0)
+    # the first conv reads the input, unchanged: only the transposed convs can have brought the output back
+    assert info["layers"] >= 1
+    assert np.abs(model(x).numpy() - reference).max() < 1e-4
+
+
 def test_a_model_pruned_otherwise_than_said_is_refused_with_the_layer(trained):
     p = P()
     model, groups, removed, _ = prune(trained.model, SHAPE, {"4.weight": 0.5})

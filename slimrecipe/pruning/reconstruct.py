@@ -39,13 +39,29 @@ def _conv_geometry(layer):
     return None if any(g is None for g in geometry) else geometry
 
 
+def _blockwise_kernel(layer):
+    """(kh, kw) of a transposed conv whose kernel equals its stride (no padding, dilation or output padding), where
+    every output pixel comes from one input pixel through one kernel tap; None for any other transposed conv."""
+    def pair(v):
+        return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)] * 2
+
+    kernel = pair(layer._kernel_size)
+    if (pair(layer._stride) != kernel or pair(layer._dilation) != [1, 1] or layer._padding not in (0, [0, 0])
+            or layer.output_padding not in (0, None, [0, 0]) or getattr(layer, "_padding_mode", "zeros") != "zeros"):
+        return None
+    return kernel
+
+
 def fittable_layers(model) -> list[tuple[str, object]]:
-    """The layers a reconstruction refits: plain (one group, NCHW, zero-padded) convolutions and linear layers."""
+    """The layers a reconstruction refits: plain (one group, NCHW, zero-padded) convolutions, blockwise transposed
+    convolutions (kernel = stride, one group, NCHW) and linear layers."""
     p = _paddle()
     out = []
     for name, layer in model.named_sublayers():
-        if isinstance(layer, p.nn.Conv2D):
-            if layer._groups == 1 and layer._data_format == "NCHW" and _conv_geometry(layer) is not None:
+        if isinstance(layer, (p.nn.Conv2D, p.nn.Conv2DTranspose)):
+            plain = isinstance(layer, p.nn.Conv2D)
+            geometry = _conv_geometry(layer) if plain else _blockwise_kernel(layer)
+            if layer._groups == 1 and layer._data_format == "NCHW" and geometry is not None:
                 out.append((name, layer))
         elif isinstance(layer, p.nn.Linear):
             out.append((name, layer))
@@ -56,7 +72,8 @@ def removed_outputs(groups: Iterable[Group], removed: dict[str, list[int]]) -> d
     """Structured weight name -> the output positions it loses, for every weight whose outputs lose channels.
 
     ``groups`` are the *unpruned* model's groups (offsets as traced), ``removed`` the applied plan's removed
-    channels per group name. A conv's outputs are axis 0 of its weight, a linear layer's axis 1.
+    channels per group name. A conv's outputs are axis 0 of its weight, a transposed conv's and a linear layer's
+    axis 1.
     """
     lost: dict[str, set] = {}
     for g in groups:
@@ -64,7 +81,7 @@ def removed_outputs(groups: Iterable[Group], removed: dict[str, list[int]]) -> d
         if not cut:
             continue
         for m in g.members:
-            if m.role in ("conv_out", "linear_out", "depthwise"):
+            if m.role in ("conv_out", "transpose_out", "linear_out", "depthwise"):
                 lost.setdefault(m.param, set()).update(m.indices(cut))
     return {name: sorted(positions) for name, positions in lost.items()}
 
@@ -82,6 +99,19 @@ def _patches(x: np.ndarray, geometry, positions: np.ndarray) -> np.ndarray:
     for i in range(kh):
         for j in range(kw):
             out[:, :, i, j] = padded[b, :, r * sh + i * dh, s * sw + j * dw]
+    return out.reshape(len(positions), -1)
+
+
+def _blocks(x: np.ndarray, kernel, positions: np.ndarray) -> np.ndarray:
+    """[len(positions), C*kh*kw]: what a blockwise transposed conv multiplies at flat output positions (n, oh, ow):
+    the input pixel (oh // kh, ow // kw) at the kernel tap (oh % kh, ow % kw), zeros at the other taps."""
+    kh, kw = kernel
+    n, c, h, w = x.shape
+    b, rest = np.divmod(positions, h * kh * w * kw)
+    r, s = np.divmod(rest, w * kw)
+    out = np.zeros((len(positions), c, kh, kw), dtype=np.float64)
+    rows = np.arange(len(positions))
+    out[rows, :, r % kh, s % kw] = x[b, :, r // kh, s // kw]
     return out.reshape(len(positions), -1)
 
 
@@ -185,6 +215,7 @@ def reconstruct(model, teacher, groups: list[Group], removed: dict[str, list[int
         if gone:
             target = np.delete(target, gone, axis=1)
         is_conv = isinstance(layer, p.nn.Conv2D)
+        transposed = isinstance(layer, p.nn.Conv2DTranspose)
         weight = layer.weight.numpy().astype(np.float64)
         if target.shape[1] != weight.shape[0 if is_conv else 1]:
             raise ValueError(f"{name}: the teacher's {target.shape[1]} outputs do not map onto the pruned layer's "
@@ -193,6 +224,9 @@ def reconstruct(model, teacher, groups: list[Group], removed: dict[str, list[int
         if is_conv:
             features = _patches(x, _conv_geometry(layer), pos)
             prior = weight.reshape(weight.shape[0], -1).T  # [C*kh*kw, out]
+        elif transposed:
+            features = _blocks(x, _blockwise_kernel(layer), pos)
+            prior = weight.transpose(0, 2, 3, 1).reshape(-1, weight.shape[1])  # [in, out, kh, kw] -> [in*kh*kw, out]
         else:
             features = x.reshape(-1, x.shape[-1])[pos].astype(np.float64)
             prior = weight  # [in, out]
@@ -208,7 +242,11 @@ def reconstruct(model, teacher, groups: list[Group], removed: dict[str, list[int
         totals["layers"] += 1
         totals["error_before"] += before
         totals["error_after"] += float(((fitted - target) ** 2).sum()) / scale
-        layer.weight.set_value((w.T.reshape(weight.shape) if is_conv else w).astype(np.float32))
+        if is_conv:
+            w = w.T.reshape(weight.shape)
+        elif transposed:
+            w = w.reshape(weight.shape[0], *weight.shape[2:], weight.shape[1]).transpose(0, 3, 1, 2)
+        layer.weight.set_value(w.astype(np.float32))
         if b is not None and bias is not None:
             layer.bias.set_value(b.astype(np.float32))
         elif b is not None:
