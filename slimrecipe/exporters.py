@@ -9,6 +9,7 @@ the very artefacts that were written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -263,17 +264,26 @@ def forget_stale_trace_records() -> int:
     return dropped
 
 
-def _save_paddle(ctx: ExportContext, prefix: Path, model=None) -> tuple[Path, Path]:
+def _export_form(model, target: str | None):
+    """The context ``model`` is saved in for ``target``: a model may define ``export_form(target)`` to trace
+    differently per runtime (the detectors upsample without interpolation ops for Paddle Inference)."""
+    form = getattr(model, "export_form", None)
+    return form(target) if form is not None and target else contextlib.nullcontext()
+
+
+def _save_paddle(ctx: ExportContext, prefix: Path, model=None, target: str | None = None) -> tuple[Path, Path]:
     """Paddle inference files at ``prefix`` in the running Paddle's format (Paddle 3: ``.json``; 2.6:
     ``.pdmodel``; plus ``.pdiparams``); returns (program file, params file). A quantized model goes through
-    :func:`slimrecipe.qat.save_quantized` unless ``model`` (a float stand-in) is given."""
+    :func:`slimrecipe.qat.save_quantized` unless ``model`` (a float stand-in) is given. ``target``: the export
+    the files are for (see :func:`_export_form`)."""
     from .qat import save_quantized, saved_files
 
     p = paddle()
     ensure_dynamic_mode()
     forget_stale_trace_records()
     if ctx.quanter is not None and model is None:
-        return save_quantized(ctx.model, ctx.quanter, prefix, ctx.input_spec())
+        with _export_form(ctx.model, target):
+            return save_quantized(ctx.model, ctx.quanter, prefix, ctx.input_spec())
     model = ctx.model if model is None else model
     was_training = model.training
     model.eval()
@@ -281,7 +291,7 @@ def _save_paddle(ctx: ExportContext, prefix: Path, model=None) -> tuple[Path, Pa
         # names of the program's tensors from a fresh counter: the same model saves to the same names however
         # often it was saved before in this process (Paddle 2.6 numbers them on; the ptq stage's ranges are keyed
         # by them and must find them again in the export)
-        with p.utils.unique_name.guard():
+        with p.utils.unique_name.guard(), _export_form(model, target):
             p.jit.save(model, str(prefix), input_spec=ctx.input_spec())
     finally:
         ensure_dynamic_mode()
@@ -401,7 +411,7 @@ def export_paddle_inference(params: dict, ctx: ExportContext) -> ExportResult:
         note = PADDLE_INT8_NOTE if quantized else (PADDLE_PTQ_NOTE if ctx.ptq else None)
         expected, extra = reference, {}
         try:
-            model_file, params_file = _save_paddle(ctx, staging / MODEL_PREFIX)
+            model_file, params_file = _save_paddle(ctx, staging / MODEL_PREFIX, target=target)
         except Exception as e:  # noqa: BLE001 -- Paddle 3's legacy-program save fails inside Paddle for some models
             from .qat import _pir_on, float_twin
 
@@ -409,7 +419,7 @@ def export_paddle_inference(params: dict, ctx: ExportContext) -> ExportResult:
                 raise
             ensure_dynamic_mode()
             twin, _ = float_twin(ctx.model, ctx.quanter)
-            model_file, params_file = _save_paddle(ctx, staging / MODEL_PREFIX, model=twin)
+            model_file, params_file = _save_paddle(ctx, staging / MODEL_PREFIX, model=twin, target=target)
             note = PADDLE3_INT8_FALLBACK_NOTE.format(error=f"{type(e).__name__}: {str(e).splitlines()[-1][:160]}")
             # what was exported is the twin: check the export against it, and say how far it is from the QAT model
             expected = eager_outputs(twin, x)

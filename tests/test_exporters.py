@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import jsonschema
@@ -20,7 +21,7 @@ from slimrecipe.exporters import (
     onnx_op_counts,
 )
 from slimrecipe.fileio import sha256_file
-from slimrecipe.models._db_layers import upsample_like
+from slimrecipe.models._db_layers import export_form, upsample_like
 from slimrecipe.paddle_env import paddle
 from slimrecipe.registry import REGISTRIES
 
@@ -271,6 +272,42 @@ class _UpsamplingNeck(paddle().nn.Layer):
 
     def forward(self, x):
         return upsample_like(self.down(x), x)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_upsampling_saved_for_paddle_inference_repeats_pixels_as_nearest_interpolation_does(factor):
+    x = paddle().to_tensor(np.random.RandomState(0).rand(2, 3, 5, 7).astype("float32"))
+    ref = paddle().zeros([1, 1, 5 * factor, 7 * factor])
+    with export_form("paddle_inference"):
+        repeated = upsample_like(x, ref).numpy()
+    interpolated = upsample_like(x, ref).numpy()
+    assert repeated.shape == (2, 3, 5 * factor, 7 * factor)
+    np.testing.assert_array_equal(repeated, interpolated)
+    # a size that is not a multiple (no FPN level on a multiple-of-32 input) still comes out at ref's size
+    with export_form("paddle_inference"):
+        assert upsample_like(x, paddle().zeros([1, 1, 9, 13])).shape == [2, 3, 9, 13]
+
+
+class _DetectorLikeNeck(_UpsamplingNeck):
+    export_form = staticmethod(export_form)
+
+
+def test_a_detector_saved_for_paddle_inference_has_no_interpolation_op_and_onednn_places_all_of_it(tmp_path):
+    # the detectors trace their upsampling as a repeat for Paddle Inference (oneDNN then runs the whole program)
+    # and keep the Resize op for ONNX (onnxruntime runs it in its blocked layout)
+    paddle().seed(0)
+    model = _DetectorLikeNeck()
+    model.eval()
+    x = np.random.RandomState(0).rand(1, 3, 64, 96).astype("float32")
+    ctx = ExportContext(model, [3, 64, 96], True, x, tmp_path, None)
+    r = export_paddle_inference({"mkldnn": True}, ctx)
+    if r.details["model_file"].endswith(".json"):  # Paddle 3's PIR program (Paddle 2.6's oneDNN runs interp ops)
+        ops = set(re.findall(r'"1\.(\w+)"', (r.path / r.details["model_file"]).read_text()))
+        assert "expand" in ops and not [op for op in ops if op.endswith("_interp")]
+    assert "onednn_placement" not in r.details
+    assert np.abs(r.runner(x) - eager_outputs(model, x)[0]).max() < 1e-4
+    onnx = export_onnx({}, ctx)
+    assert onnx_op_counts(onnx.path / "model.onnx").get("Resize") == 1
 
 
 def test_an_upsampling_detector_neck_runs_in_paddle_inference_with_onednn(tmp_path):

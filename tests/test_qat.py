@@ -293,13 +293,13 @@ def test_a_quantized_export_that_differs_from_the_model_is_refused(exporter, tmp
     qat.calibrate(model, _batches(3))
     real_save = exporters._save_paddle
 
-    def save_a_perturbed_model(ctx, prefix, model=None):
+    def save_a_perturbed_model(ctx, prefix, model=None, target=None):
         with paddle().no_grad():  # after the reference outputs were taken, before the files are written
             for m in (ctx.model, model):
                 if m is not None:
                     head = _quantized(m)[-1]
                     head.weight.set_value(head.weight * 3.0)
-        return real_save(ctx, prefix, model)
+        return real_save(ctx, prefix, model, target)
 
     monkeypatch.setattr(exporters, "_save_paddle", save_a_perturbed_model)
     ctx = ExportContext(model, SHAPE, False, _batches(1, batch=4)[0], tmp_path, quanter)

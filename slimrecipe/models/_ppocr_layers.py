@@ -342,8 +342,10 @@ class PPOCRDetector(nn.Layer):
     def forward(self, x):
         return self.head(self.neck(self.backbone(x)))
 
-    # The same loss, on the same training outputs and batch layout, as the MobileNetV3 DB detector.
+    # The same loss, on the same training outputs and batch layout, and the same export forms, as the MobileNetV3
+    # DB detector.
     loss = DBDetector.loss
+    export_form = DBDetector.export_form
 
 
 # Today's PaddleOCR (rec_lcnetv3.py) names -> the names of the published inference model used here.
