@@ -9,7 +9,10 @@ size, batch 1, one thread, the runners of each runtime interleaved (the order re
 The hmean of each phase is the run's own (60 held-out scenes); the speed-ups here are medians over rounds.
 Run from the repository root:
 
-    python bench/ppocr_det_speed.py RUN_DIR [--sizes 640 960] [--repeats 40]
+    python bench/ppocr_det_speed.py RUN_DIR [--sizes 640 960] [--repeats 40] [--also-paddle NAME=RUN_DIR]
+
+``--also-paddle old=RUN_DIR`` times another run's Paddle Inference exports in the same loop, as ``old_baseline``
+and ``old_pruned_float`` (say, a run exported before a change to the Paddle Inference export).
 
 Figures go to bench/results/ppocr_det_speed.json (ppocr_det_speed_<tag>.json with ``--tag``).
 """
@@ -34,6 +37,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--tag", default="", help="suffix of the JSON file (ppocr_det_speed_<tag>.json)")
+    ap.add_argument("--also-paddle", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="another run's Paddle Inference exports, timed in the same loop as NAME_baseline and "
+                         "NAME_pruned_float")
     args = ap.parse_args()
 
     from slimrecipe.exporters import interleaved_latency, onnx_session, paddle_predictor
@@ -59,6 +65,12 @@ def main() -> None:
     }
     if quantized:
         runtimes["onnxruntime"]["int8_qat"] = ort(export / "onnx")
+    for item in args.also_paddle:
+        name, _, other = item.partition("=")
+        other = Path(other) / "export"
+        other_floats = other / "pruned_float" if (other / "pruned_float").is_dir() else other
+        runtimes["paddle_inference"][f"{name}_baseline"] = pi(other / "baseline" / "paddle_inference")
+        runtimes["paddle_inference"][f"{name}_pruned_float"] = pi(other_floats / "paddle_inference")
     figures = {"hmean": {k: v["metric"] for k, v in phases.items()},
                "flops": {k: v.get("flops") for k, v in phases.items()}, "latency": {}}
     rng = np.random.default_rng(0)
