@@ -4,7 +4,8 @@ Reads a finished ``ocr_det_prune`` run directory (its ``export/`` tree and ``rep
 size, batch 1, one thread, the runners of each runtime interleaved (the order reversed every round):
 
 - Paddle Inference: the baseline's export, the pruned float model's;
-- onnxruntime: the baseline's export, the pruned float model's, and the compressed (int8 QDQ) one when there is one.
+- onnxruntime: the baseline's export, the pruned float model's, and the compressed (int8 QDQ, from QAT or PTQ) one
+  when there is one.
 
 The hmean of each phase is the run's own (60 held-out scenes); the speed-ups here are medians over rounds.
 Run from the repository root:
@@ -55,7 +56,8 @@ def main() -> None:
     def ort(folder: Path):
         return onnx_session(next(folder.glob("*.onnx")), threads=1)[0]
 
-    quantized = "quantized (QAT)" in phases
+    # a quantized phase: "quantized (QAT)" or "int8 (PTQ)"
+    quantized = next((name for name in phases if "QAT" in name or "PTQ" in name), None)
     # a run that quantizes keeps its float pruned model under pruned_float/; otherwise that is the export itself
     floats = export / "pruned_float" if quantized else export
     runtimes = {
@@ -64,7 +66,7 @@ def main() -> None:
         "onnxruntime": {"baseline": ort(export / "baseline" / "onnx"), "pruned_float": ort(floats / "onnx")},
     }
     if quantized:
-        runtimes["onnxruntime"]["int8_qat"] = ort(export / "onnx")
+        runtimes["onnxruntime"]["int8_" + ("qat" if "QAT" in quantized else "ptq")] = ort(export / "onnx")
     for item in args.also_paddle:
         name, _, other = item.partition("=")
         other = Path(other) / "export"

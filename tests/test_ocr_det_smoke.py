@@ -56,6 +56,13 @@ def test_smoke_run_prunes_and_reports(det_run):
                                  - plan["params"][n]["channels_after"] for n in pruned_groups)
     report = (run_dir / "report.md").read_text()
     assert "hmean" in report and "paddle_inference" in report and "onnx" in report
+    if state.recipe["name"] == "ocr_det_prune":
+        # the flagship ends in int8 for onnxruntime (post-training, every op), measured on the held-out scenes
+        from slimrecipe.exporters import onnx_op_counts
+
+        assert 0 < state.results["ptq"]["metric"] <= 1
+        ops = onnx_op_counts(run_dir / "export" / "onnx" / "model.onnx")
+        assert ops.get("QuantizeLinear", 0) > 10 and ops.get("DequantizeLinear", 0) > 10, ops
     # the labels and both models' boxes on validation images, side by side, linked from the report
     assert "report_detections.png" in report and (run_dir / "report_detections.png").stat().st_size > 10_000
 
