@@ -73,6 +73,19 @@ def pointwise_net():
                          nn.AdaptiveAvgPool2D(1), nn.Flatten(), nn.Linear(8, 4))
 
 
+def cut_and_refit_exactly(teacher, shape, removed, images):
+    """Prune ``removed`` from ``teacher``, check that the cut moves the output, refit without ridge on ``images``
+    random inputs and check that the refit brings the output back; (model, plan, refit info, inputs)."""
+    p = P()
+    model, groups, removed, plan = prune(teacher, shape, removed=removed)
+    x = p.to_tensor(np.random.default_rng(0).normal(size=(images, *shape)).astype("float32"))
+    reference = teacher(x).numpy()
+    assert np.abs(model(x).numpy() - reference).max() > 1e-2  # the cut alone changes the output
+    info = reconstruct(model, teacher, groups, removed, [x], ridge=0.0)
+    assert np.abs(model(x).numpy() - reference).max() < 1e-4
+    return model, plan, info, x
+
+
 def test_a_removed_constant_channel_is_absorbed_exactly_by_the_next_batchnorm():
     p = P()
     p.seed(1)
@@ -84,13 +97,8 @@ def test_a_removed_constant_channel_is_absorbed_exactly_by_the_next_batchnorm():
     teacher[1].weight.set_value(gamma)
     teacher[1].bias.set_value(beta)
     shape = [3, 8, 8]
-    model, groups, removed, plan = prune(teacher, shape, removed={"0.weight": [3]})
-    x = p.to_tensor(np.random.default_rng(0).normal(size=(16, *shape)).astype("float32"))
-    reference = teacher(x).numpy()
-    assert np.abs(model(x).numpy() - reference).max() > 1e-2  # the cut alone changes the output
-    info = reconstruct(model, teacher, groups, removed, [x], ridge=0.0)
+    model, plan, info, x = cut_and_refit_exactly(teacher, shape, {"0.weight": [3]}, images=16)
     assert info["layers"] == 1  # the second conv; the head then reads what the teacher's head read
-    assert np.abs(model(x).numpy() - reference).max() < 1e-4
     # only values changed: the weights load into a fresh model pruned by the same plan
     fresh = pointwise_net()
     pruning.load_pruned(fresh, shape, plan, model.state_dict())
@@ -111,15 +119,9 @@ def test_a_blockwise_transposed_conv_absorbs_a_removed_duplicate_channel_exactly
     weight = teacher[0].weight.numpy()
     weight[3] = weight[2]
     teacher[0].weight.set_value(weight)
-    shape = [3, 8, 8]
-    model, groups, removed, _ = prune(teacher, shape, removed={"0.weight": [3]})
-    x = p.to_tensor(np.random.default_rng(0).normal(size=(8, *shape)).astype("float32"))
-    reference = teacher(x).numpy()
-    assert np.abs(model(x).numpy() - reference).max() > 1e-2  # the cut alone changes the output
-    info = reconstruct(model, teacher, groups, removed, [x], ridge=0.0)
+    _, _, info, _ = cut_and_refit_exactly(teacher, [3, 8, 8], {"0.weight": [3]}, images=8)
     # the first conv reads the input, unchanged: only the transposed convs can have brought the output back
     assert info["layers"] >= 1
-    assert np.abs(model(x).numpy() - reference).max() < 1e-4
 
 
 def test_a_model_pruned_otherwise_than_said_is_refused_with_the_layer(trained):
