@@ -56,23 +56,24 @@ def main() -> None:
     def ort(folder: Path):
         return onnx_session(next(folder.glob("*.onnx")), threads=1)[0]
 
+    def floats(export: Path) -> Path:
+        # a run that quantizes keeps its float pruned model under pruned_float/; otherwise that is the export itself
+        return export / "pruned_float" if (export / "pruned_float").is_dir() else export
+
     # a quantized phase: "quantized (QAT)" or "int8 (PTQ)"
     quantized = next((name for name in phases if "QAT" in name or "PTQ" in name), None)
-    # a run that quantizes keeps its float pruned model under pruned_float/; otherwise that is the export itself
-    floats = export / "pruned_float" if quantized else export
     runtimes = {
         "paddle_inference": {"baseline": pi(export / "baseline" / "paddle_inference"),
-                             "pruned_float": pi(floats / "paddle_inference")},
-        "onnxruntime": {"baseline": ort(export / "baseline" / "onnx"), "pruned_float": ort(floats / "onnx")},
+                             "pruned_float": pi(floats(export) / "paddle_inference")},
+        "onnxruntime": {"baseline": ort(export / "baseline" / "onnx"), "pruned_float": ort(floats(export) / "onnx")},
     }
     if quantized:
         runtimes["onnxruntime"]["int8_" + ("qat" if "QAT" in quantized else "ptq")] = ort(export / "onnx")
     for item in args.also_paddle:
         name, _, other = item.partition("=")
         other = Path(other) / "export"
-        other_floats = other / "pruned_float" if (other / "pruned_float").is_dir() else other
         runtimes["paddle_inference"][f"{name}_baseline"] = pi(other / "baseline" / "paddle_inference")
-        runtimes["paddle_inference"][f"{name}_pruned_float"] = pi(other_floats / "paddle_inference")
+        runtimes["paddle_inference"][f"{name}_pruned_float"] = pi(floats(other) / "paddle_inference")
     figures = {"hmean": {k: v["metric"] for k, v in phases.items()},
                "flops": {k: v.get("flops") for k, v in phases.items()}, "latency": {}}
     rng = np.random.default_rng(0)
@@ -85,8 +86,8 @@ def main() -> None:
                              for n in runners)
             print(f"{runtime:<17} {size}x{size}: {line}", flush=True)
     print("hmean: " + ", ".join(f"{k} {v:.4f}" for k, v in figures["hmean"].items()))
-    write_results("ppocr_det_speed" + (f"_{args.tag}" if args.tag else ""), figures, {**vars(args), "run_dir": str(args.run_dir), "threads": 1,
-                                               "batch": 1, "recipe": report["recipe"]})
+    write_results("ppocr_det_speed" + (f"_{args.tag}" if args.tag else ""), figures,
+                  {**vars(args), "run_dir": str(args.run_dir), "threads": 1, "batch": 1, "recipe": report["recipe"]})
 
 
 if __name__ == "__main__":

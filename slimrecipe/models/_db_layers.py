@@ -273,9 +273,7 @@ class DBDetector(nn.Layer):
     def forward(self, x):
         return self.head(self.neck(self.backbone(x)))
 
-    def export_form(self, target: str):
-        """The context to save this model in for an export ``target`` (see :func:`export_form`)."""
-        return export_form(target)
+    export_form = staticmethod(export_form)  # how the exporters save it for each target
 
     def loss(self, outputs, batch):
         """Weighted DB loss of one training batch ``[images, shrink_map, shrink_mask, threshold_map, threshold_mask]``.

@@ -21,7 +21,7 @@ import numpy as np
 
 from slimrecipe.paddle_env import paddle as _paddle
 
-from ._db_layers import DBDetector, DBHead, DBMapBranch, upsample_like
+from ._db_layers import DBDetector, DBHead, DBMapBranch, export_form, upsample_like
 
 paddle = _paddle()
 nn = paddle.nn
@@ -345,7 +345,7 @@ class PPOCRDetector(nn.Layer):
     # The same loss, on the same training outputs and batch layout, and the same export forms, as the MobileNetV3
     # DB detector.
     loss = DBDetector.loss
-    export_form = DBDetector.export_form
+    export_form = staticmethod(export_form)
 
 
 # Today's PaddleOCR (rec_lcnetv3.py) names -> the names of the published inference model used here.

@@ -42,14 +42,11 @@ def _conv_geometry(layer):
 def _blockwise_kernel(layer):
     """(kh, kw) of a transposed conv whose kernel equals its stride (no padding, dilation or output padding), where
     every output pixel comes from one input pixel through one kernel tap; None for any other transposed conv."""
-    def pair(v):
-        return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)] * 2
-
-    kernel = pair(layer._kernel_size)
-    if (pair(layer._stride) != kernel or pair(layer._dilation) != [1, 1] or layer._padding not in (0, [0, 0])
-            or layer.output_padding not in (0, None, [0, 0]) or getattr(layer, "_padding_mode", "zeros") != "zeros"):
+    geometry = _conv_geometry(layer)
+    if geometry is None or layer.output_padding not in (0, None, [0, 0]):
         return None
-    return kernel
+    kernel, stride, pad, dilation = geometry
+    return kernel if stride == kernel and pad == [0, 0] and dilation == [1, 1] else None
 
 
 def fittable_layers(model) -> list[tuple[str, object]]:
